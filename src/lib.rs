@@ -1,0 +1,12 @@
+//! pgshift: zero-downtime PostgreSQL schema changes from a YAML plan.
+//!
+//! The plan is validated whole before anything touches the database
+//! (`plan`), then executed step by step (`exec`, `backfill`) with every step
+//! recorded in a control schema (`control`) so that an interrupted run resumes
+//! exactly where it stopped.
+
+pub mod cli;
+pub mod exit;
+pub mod ident;
+pub mod plan;
+pub mod show;

@@ -1,0 +1,104 @@
+//! Durations as people write them in a plan: `500ms`, `2s`, `10m`, `1h30m`.
+
+use std::time::Duration;
+
+/// Parses `500ms`, `2s`, `1.5s`, `10m`, `1h`, `1h30m`, or `0`.
+pub fn parse(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let help = "write a number followed by a unit: `500ms`, `2s`, `10m`, `1h` (or `0` for none)";
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if t.is_empty() {
+        return Err(format!("empty duration; {help}"));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return Err(format!("`{t}` is not a duration; {help}"));
+        }
+        let number: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| format!("`{t}` is not a duration; {help}"))?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let secs = match unit {
+            "ms" => number / 1000.0,
+            "s" => number,
+            "m" | "min" => number * 60.0,
+            "h" => number * 3600.0,
+            "" => return Err(format!("`{t}` has no unit; {help}")),
+            other => return Err(format!("`{other}` is not a unit of time in `{t}`; {help}")),
+        };
+        total += Duration::from_secs_f64(secs);
+    }
+    if total > Duration::from_secs(7 * 24 * 3600) {
+        return Err(format!(
+            "`{t}` is longer than a week; that is surely a mistake"
+        ));
+    }
+    Ok(total)
+}
+
+/// Formats a duration the way a plan writes it (`500ms`, `2s`, `10m`, `1m30s`).
+pub fn format(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0".into();
+    }
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    if s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else if s > 60 {
+        format!("{}m{}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The value PostgreSQL's `lock_timeout`/`statement_timeout` settings take: milliseconds.
+pub fn as_pg_setting(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_people_write() {
+        assert_eq!(parse("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse("0").unwrap(), Duration::ZERO);
+    }
+
+    #[test]
+    fn rejects_the_rest() {
+        for bad in ["", "5", "ms", "5 parsecs", "-1s", "1d", "1x", "9999h"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn formats_round_trip() {
+        for t in ["500ms", "2s", "10m", "1h", "1m30s", "0"] {
+            assert_eq!(format(parse(t).unwrap()), t);
+        }
+    }
+}
