@@ -1,0 +1,152 @@
+//! Test harness: a fresh database per test on the real server, and the built binary.
+//!
+//! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) names the
+//! server. Each test creates its own database, named after the test, dropping any
+//! leftover from an earlier run first, so tests run in parallel and a failed test
+//! leaves its database behind to inspect. If no server answers, the test fails with
+//! a message that says how to start one.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use tokio_postgres::{Client, NoTls};
+
+/// The server URL tests use.
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// `url` with its database replaced by `db`.
+pub fn url_for(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[after_scheme..].find('/') {
+        Some(i) => &base[..after_scheme + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = match tokio_postgres::connect(url, NoTls).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "cannot connect to PostgreSQL at {url}: {e}\n\
+             start the local server with `pg_ctlcluster --skip-systemctl-redirect 15 main start` \
+             (or point DATABASE_URL at one)"
+        ),
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub client: Client,
+}
+
+impl TestDb {
+    /// Creates (after dropping any leftover) the database `pgshift_t_<name>`.
+    pub async fn create(name: &str) -> TestDb {
+        let db = format!("pgshift_t_{name}");
+        assert!(db.len() <= 63, "test database name too long: {db}");
+        let admin = connect(&server_url()).await;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .await
+            .expect("drop leftover test database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+            .await
+            .expect("create test database");
+        let url = url_for(&server_url(), &db);
+        let client = connect(&url).await;
+        TestDb {
+            name: db,
+            url,
+            client,
+        }
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        self.client
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    pub async fn scalar_string(&self, sql: &str) -> Option<String> {
+        self.client
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// Runs the built `pgshift` binary against this database.
+    pub fn pgshift(&self, args: &[&str]) -> Output {
+        pgshift_with_env(args, &[("DATABASE_URL", self.url.as_str())])
+    }
+}
+
+/// The built binary.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pgshift"))
+}
+
+/// Runs `pgshift` with `args` (no database unless the env gives one).
+pub fn pgshift(args: &[&str]) -> Output {
+    pgshift_with_env(args, &[])
+}
+
+pub fn pgshift_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run pgshift")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A file under `tests/fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// A file of the project (`plans/…`, `README.md`).
+pub fn project_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}

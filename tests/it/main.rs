@@ -1,0 +1,4 @@
+//! The one integration-test binary (one link, many areas).
+
+mod harness;
+mod plan;
