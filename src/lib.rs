@@ -6,6 +6,9 @@
 //! exactly where it stopped.
 
 pub mod cli;
+pub mod control;
+pub mod db;
+pub mod exec;
 pub mod exit;
 pub mod ident;
 pub mod plan;

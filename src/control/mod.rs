@@ -1,0 +1,484 @@
+//! The control schema: what pgshift records in the target database about every
+//! plan, step and event, and the per-plan advisory lock.
+//!
+//! Every status change of a step is written here; a transactional step's
+//! `succeeded` mark is written inside the step's own transaction, so the record
+//! and the change commit together or not at all.
+
+use serde_json::{Value as Json, json};
+use tokio_postgres::{Client, GenericClient, Row};
+
+use crate::db::Error;
+use crate::ident::quote_ident;
+use crate::plan::Plan;
+
+/// The version of `schema.sql`; bump it with a migration when the tables change.
+pub const SCHEMA_VERSION: i32 = 1;
+
+const SCHEMA_SQL: &str = include_str!("schema.sql");
+
+/// Step and plan statuses as stored.
+pub mod status {
+    pub const PENDING: &str = "pending";
+    pub const RUNNING: &str = "running";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+    pub const INTERRUPTED: &str = "interrupted";
+    pub const WAITING: &str = "waiting";
+    pub const ROLLED_BACK: &str = "rolled_back";
+}
+
+/// Access to the control tables of one control schema.
+#[derive(Debug, Clone)]
+pub struct Control {
+    pub schema: String,
+    quoted: String,
+}
+
+/// A row of `plans`.
+#[derive(Debug, Clone)]
+pub struct PlanRow {
+    pub id: String,
+    pub checksum: String,
+    pub file: String,
+    pub status: String,
+    pub applied_by: String,
+    pub runner: Option<String>,
+    pub started_at: String,
+    pub updated_at: String,
+}
+
+/// A row of `steps`.
+#[derive(Debug, Clone)]
+pub struct StepRow {
+    pub position: i32,
+    pub phase: String,
+    pub name: String,
+    pub kind: String,
+    pub status: String,
+    pub attempts: i32,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub duration_secs: Option<f64>,
+    pub last_error: Option<String>,
+    pub last_sqlstate: Option<String>,
+    pub checkpoint: Option<Json>,
+    pub rows_done: i64,
+    pub rows_total: Option<i64>,
+    pub overrides: Json,
+}
+
+impl Control {
+    pub fn new(schema: &str) -> Control {
+        Control {
+            schema: schema.to_string(),
+            quoted: quote_ident(schema),
+        }
+    }
+
+    /// `sql` with `__SCHEMA__` replaced by the quoted control schema.
+    pub fn sql(&self, sql: &str) -> String {
+        sql.replace("__SCHEMA__", &self.quoted)
+    }
+
+    /// Creates the control schema if needed; safe when several runners race to do it.
+    pub async fn ensure(&self, client: &mut Client) -> Result<(), Error> {
+        // Fast path: already there and current.
+        let exists: bool = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&format!("{}.events", self.quoted)],
+            )
+            .await?
+            .get(0);
+        if exists {
+            return self.check_version(client).await;
+        }
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('pgshift control schema ' || $1, 0))",
+            &[&self.schema],
+        )
+        .await?;
+        tx.batch_execute(&self.sql(SCHEMA_SQL)).await.map_err(|e| {
+            let err = Error::from(e);
+            match err.sqlstate() {
+                Some("42501") => Error::Refused(format!(
+                    "cannot create the control schema `{}`: permission denied ({}). pgshift needs CREATE on the database (or an existing schema `{}` it owns); grant it with `GRANT CREATE ON DATABASE <db> TO <role>`, or pass --control-schema naming a schema the role owns",
+                    self.schema, err, self.schema
+                )),
+                _ => err,
+            }
+        })?;
+        tx.commit().await?;
+        self.check_version(client).await
+    }
+
+    async fn check_version(&self, client: &Client) -> Result<(), Error> {
+        let v: Option<String> = client
+            .query_opt(&self.sql("SELECT value FROM __SCHEMA__.meta WHERE key = 'schema_version'"), &[])
+            .await
+            .map_err(|e| {
+                let err = Error::from(e);
+                if err.sqlstate() == Some("42501") {
+                    Error::Refused(format!("cannot read the control schema `{}`: {err}. The role needs USAGE on the schema and SELECT/INSERT/UPDATE on its tables (usually: make it the owner)", self.schema))
+                } else {
+                    err
+                }
+            })?
+            .map(|r| r.get(0));
+        match v.as_deref().map(str::parse::<i32>) {
+            Some(Ok(SCHEMA_VERSION)) => Ok(()),
+            Some(Ok(n)) if n > SCHEMA_VERSION => Err(Error::Refused(format!(
+                "the control schema `{}` has version {n}, newer than this pgshift understands ({SCHEMA_VERSION}); upgrade pgshift",
+                self.schema
+            ))),
+            _ => Err(Error::Refused(format!(
+                "the control schema `{}` has no readable version; it was not created by pgshift",
+                self.schema
+            ))),
+        }
+    }
+
+    /// Appends an event to the log.
+    pub async fn event(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        step: Option<&str>,
+        event: &str,
+        detail: Json,
+    ) -> Result<(), Error> {
+        c.execute(
+            &self.sql("INSERT INTO __SCHEMA__.events (plan_id, step, event, detail) VALUES ($1, $2, $3, $4)"),
+            &[&plan, &step, &event, &detail],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Records the plan and its steps (first run), or returns the recorded plan (later runs).
+    ///
+    /// Steps are matched by name; steps added to an accepted changed plan are inserted,
+    /// positions are updated to the file's order.
+    pub async fn register(
+        &self,
+        client: &mut Client,
+        plan: &Plan,
+        applied_by: &str,
+    ) -> Result<Option<PlanRow>, Error> {
+        let tx = client.transaction().await?;
+        let existing = self.plan_row(&tx, &plan.id).await?;
+        if existing.is_none() {
+            tx.execute(
+                &self.sql("INSERT INTO __SCHEMA__.plans (id, checksum, file, description, applied_by, application_name) VALUES ($1, $2, $3, $4, $5, 'pgshift')"),
+                &[&plan.id, &plan.checksum.0, &plan.file.display().to_string(), &plan.description, &applied_by],
+            )
+            .await?;
+            self.event(&tx, &plan.id, None, "plan_registered", json!({"checksum": plan.checksum.0, "file": plan.file.display().to_string(), "by": applied_by, "steps": plan.steps.len()})).await?;
+        }
+        self.sync_steps(&tx, plan).await?;
+        tx.commit().await?;
+        Ok(existing)
+    }
+
+    /// Makes `steps` match the plan's steps (insert missing, update positions).
+    pub async fn sync_steps(&self, tx: &impl GenericClient, plan: &Plan) -> Result<(), Error> {
+        // Positions move in two passes to keep UNIQUE (plan_id, position) satisfied.
+        tx.execute(
+            &self.sql(
+                "UPDATE __SCHEMA__.steps SET position = -position - 1000000 WHERE plan_id = $1",
+            ),
+            &[&plan.id],
+        )
+        .await?;
+        for s in &plan.steps {
+            tx.execute(
+                &self.sql(
+                    "INSERT INTO __SCHEMA__.steps (plan_id, position, phase, name, kind) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (plan_id, name) DO UPDATE SET position = EXCLUDED.position, phase = EXCLUDED.phase, kind = EXCLUDED.kind",
+                ),
+                &[&plan.id, &(s.position as i32), &s.phase.as_str(), &s.name, &s.kind.name()],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn plan_row(
+        &self,
+        c: &impl GenericClient,
+        id: &str,
+    ) -> Result<Option<PlanRow>, Error> {
+        let row = c
+            .query_opt(
+                &self.sql("SELECT id, checksum, file, status, applied_by, runner, started_at::text, updated_at::text FROM __SCHEMA__.plans WHERE id = $1"),
+                &[&id],
+            )
+            .await?;
+        Ok(row.map(|r| plan_row(&r)))
+    }
+
+    pub async fn plans(&self, c: &impl GenericClient) -> Result<Vec<PlanRow>, Error> {
+        let rows = c
+            .query(&self.sql("SELECT id, checksum, file, status, applied_by, runner, started_at::text, updated_at::text FROM __SCHEMA__.plans ORDER BY started_at, id"), &[])
+            .await?;
+        Ok(rows.iter().map(plan_row).collect())
+    }
+
+    pub async fn steps(&self, c: &impl GenericClient, plan: &str) -> Result<Vec<StepRow>, Error> {
+        let rows = c
+            .query(
+                &self.sql(
+                    "SELECT position, phase, name, kind, status, attempts, started_at::text, finished_at::text,
+                            extract(epoch FROM coalesce(finished_at, CASE WHEN status = 'running' THEN now() END) - started_at)::float8,
+                            last_error, last_sqlstate, checkpoint, rows_done, rows_total, overrides
+                     FROM __SCHEMA__.steps WHERE plan_id = $1 AND position >= 0 ORDER BY position",
+                ),
+                &[&plan],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| StepRow {
+                position: r.get(0),
+                phase: r.get(1),
+                name: r.get(2),
+                kind: r.get(3),
+                status: r.get(4),
+                attempts: r.get(5),
+                started_at: r.get(6),
+                finished_at: r.get(7),
+                duration_secs: r.get(8),
+                last_error: r.get(9),
+                last_sqlstate: r.get(10),
+                checkpoint: r.get(11),
+                rows_done: r.get(12),
+                rows_total: r.get(13),
+                overrides: r.get(14),
+            })
+            .collect())
+    }
+
+    pub async fn set_plan_status(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        status: &str,
+    ) -> Result<(), Error> {
+        c.execute(
+            &self.sql(
+                "UPDATE __SCHEMA__.plans SET status = $2, updated_at = now(),
+                   finished_at = CASE WHEN $2 IN ('succeeded', 'rolled_back') THEN now() ELSE NULL END WHERE id = $1",
+            ),
+            &[&plan, &status],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_checksum(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        checksum: &str,
+    ) -> Result<(), Error> {
+        c.execute(
+            &self
+                .sql("UPDATE __SCHEMA__.plans SET checksum = $2, updated_at = now() WHERE id = $1"),
+            &[&plan, &checksum],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a step running and counts the attempt.
+    pub async fn step_running(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        step: &str,
+    ) -> Result<(), Error> {
+        c.execute(
+            &self.sql(
+                "UPDATE __SCHEMA__.steps SET status = 'running', attempts = attempts + 1,
+                   started_at = coalesce(CASE WHEN status IN ('pending', 'rolled_back') THEN NULL ELSE started_at END, now()),
+                   finished_at = NULL WHERE plan_id = $1 AND name = $2",
+            ),
+            &[&plan, &step],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets a step's status; `succeeded`, `failed`, `rolled_back` also set `finished_at`.
+    pub async fn step_status(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        step: &str,
+        status: &str,
+        error: Option<(&str, Option<&str>)>,
+    ) -> Result<(), Error> {
+        let (msg, state) = match error {
+            Some((m, s)) => (Some(m), s),
+            None => (None, None),
+        };
+        c.execute(
+            &self.sql(
+                "UPDATE __SCHEMA__.steps SET status = $3,
+                   finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'rolled_back') THEN now() ELSE finished_at END,
+                   last_error = CASE WHEN $4::text IS NOT NULL THEN $4 WHEN $3 = 'succeeded' THEN NULL ELSE last_error END,
+                   last_sqlstate = CASE WHEN $4::text IS NOT NULL THEN $5 WHEN $3 = 'succeeded' THEN NULL ELSE last_sqlstate END
+                 WHERE plan_id = $1 AND name = $2",
+            ),
+            &[&plan, &step, &status, &msg, &state],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Resets a step that will run again (after a rollback, the rolled-back steps).
+    pub async fn reset_backfill_ranges(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        step: &str,
+    ) -> Result<(), Error> {
+        c.execute(
+            &self.sql("DELETE FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2"),
+            &[&plan, &step],
+        )
+        .await?;
+        c.execute(&self.sql("UPDATE __SCHEMA__.steps SET checkpoint = NULL, rows_done = 0, rows_total = NULL WHERE plan_id = $1 AND name = $2"), &[&plan, &step]).await?;
+        Ok(())
+    }
+
+    /// Tries to take the plan's advisory lock on `conn`, a connection held for the whole run.
+    pub async fn try_lock(&self, conn: &Client, plan: &str) -> Result<bool, Error> {
+        Ok(conn
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                &[&self.lock_name(plan)],
+            )
+            .await?
+            .get(0))
+    }
+
+    pub async fn unlock(&self, conn: &Client, plan: &str) -> Result<(), Error> {
+        conn.execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&self.lock_name(plan)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn lock_name(&self, plan: &str) -> String {
+        format!("pgshift/{}/{}", self.schema, plan)
+    }
+
+    /// Who holds the plan's lock: `user@addr pid N (application), since T`.
+    pub async fn lock_holder(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+    ) -> Result<Option<String>, Error> {
+        let row = c
+            .query_opt(
+                "SELECT a.pid, coalesce(a.usename, '?'), coalesce(host(a.client_addr), 'local socket'), coalesce(a.application_name, ''),
+                        to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ')
+                 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                   AND ((l.classid::bigint << 32) | l.objid::bigint) = (hashtextextended($1, 0) & x'ffffffffffffffff'::bigint)",
+                &[&self.lock_name(plan)],
+            )
+            .await?;
+        Ok(row.map(|r| {
+            let pid: i32 = r.get(0);
+            let user: String = r.get(1);
+            let addr: String = r.get(2);
+            let app: String = r.get(3);
+            let since: String = r.get(4);
+            format!(
+                "{user}@{addr} (backend pid {pid}, application `{app}`), connected since {since}"
+            )
+        }))
+    }
+
+    /// Records who runs the plan now (`None` when the run ends).
+    pub async fn set_runner(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        runner: Option<&str>,
+    ) -> Result<(), Error> {
+        c.execute(
+            &self.sql("UPDATE __SCHEMA__.plans SET runner = $2, runner_since = CASE WHEN $2::text IS NULL THEN NULL ELSE now() END WHERE id = $1"),
+            &[&plan, &runner],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The operator's live overrides for a step (`pgshift throttle`).
+    pub async fn overrides(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        step: &str,
+    ) -> Result<Json, Error> {
+        let row = c
+            .query_opt(
+                &self
+                    .sql("SELECT overrides FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2"),
+                &[&plan, &step],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)).unwrap_or_else(|| json!({})))
+    }
+
+    /// Merges `patch` into the overrides of every backfill step of the plan; returns how many.
+    pub async fn merge_overrides(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        step: Option<&str>,
+        patch: &Json,
+    ) -> Result<u64, Error> {
+        Ok(c
+            .execute(
+                &self.sql("UPDATE __SCHEMA__.steps SET overrides = overrides || $3 WHERE plan_id = $1 AND kind = 'backfill' AND ($2::text IS NULL OR name = $2)"),
+                &[&plan, &step, patch],
+            )
+            .await?)
+    }
+
+    /// Events of a plan, oldest first.
+    pub async fn events(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+    ) -> Result<Vec<(String, Option<String>, String, Json)>, Error> {
+        let rows = c
+            .query(&self.sql("SELECT at::text, step, event, detail FROM __SCHEMA__.events WHERE plan_id = $1 ORDER BY id"), &[&plan])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+}
+
+fn plan_row(r: &Row) -> PlanRow {
+    PlanRow {
+        id: r.get(0),
+        checksum: r.get(1),
+        file: r.get(2),
+        status: r.get(3),
+        applied_by: r.get(4),
+        runner: r.get(5),
+        started_at: r.get(6),
+        updated_at: r.get(7),
+    }
+}
