@@ -5,9 +5,11 @@
 //! recorded in a control schema (`control`) so that an interrupted run resumes
 //! exactly where it stopped.
 
+pub mod backfill;
 pub mod cli;
 pub mod control;
 pub mod db;
+pub mod demo;
 pub mod exec;
 pub mod exit;
 pub mod ident;

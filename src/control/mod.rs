@@ -170,9 +170,11 @@ impl Control {
         let tx = client.transaction().await?;
         let existing = self.plan_row(&tx, &plan.id).await?;
         if existing.is_none() {
+            // The absolute path, so that `resume PLAN_ID` finds the file from any directory.
+            let file = std::fs::canonicalize(&plan.file).unwrap_or_else(|_| plan.file.clone());
             tx.execute(
                 &self.sql("INSERT INTO __SCHEMA__.plans (id, checksum, file, description, applied_by, application_name) VALUES ($1, $2, $3, $4, $5, 'pgshift')"),
-                &[&plan.id, &plan.checksum.0, &plan.file.display().to_string(), &plan.description, &applied_by],
+                &[&plan.id, &plan.checksum.0, &file.display().to_string(), &plan.description, &applied_by],
             )
             .await?;
             self.event(&tx, &plan.id, None, "plan_registered", json!({"checksum": plan.checksum.0, "file": plan.file.display().to_string(), "by": applied_by, "steps": plan.steps.len()})).await?;

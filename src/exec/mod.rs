@@ -6,6 +6,11 @@
 //! has its own top-level module); they return an [`Outcome`] or a `db::Error`,
 //! and the runner records both in the control schema.
 
+pub mod run;
+pub mod runner;
+pub mod sql;
+pub mod trigger;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,0 +1,240 @@
+//! `pgshift status`: plans and steps from the control table, as a table or as
+//! JSON (a stable format that scripts and monitoring read; see docs/status-json.md).
+
+use serde_json::{Value as Json, json};
+
+use super::StatusFormat;
+use crate::control::{PlanRow, StepRow, status};
+use crate::db;
+use crate::exec::{self, Context};
+use crate::exit::Exit;
+
+/// Prints every plan, or one plan's steps.
+pub async fn print(
+    cx: &Context,
+    plan: Option<&str>,
+    format: StatusFormat,
+    events: bool,
+) -> Result<Exit, exec::Error> {
+    let mut c = db::connect(&cx.target).await?;
+    cx.control.ensure(&mut c).await?;
+    let plans: Vec<PlanRow> = match plan {
+        Some(id) => match cx.control.plan_row(&c, id).await? {
+            Some(p) => vec![p],
+            None => {
+                return Err(exec::Error::Usage(format!(
+                    "no plan `{id}` is recorded in schema `{}` of {}",
+                    cx.control.schema, cx.target.display
+                )));
+            }
+        },
+        None => cx.control.plans(&c).await?,
+    };
+    let mut out = Vec::new();
+    for p in &plans {
+        let steps = cx.control.steps(&c, &p.id).await?;
+        let evs = if events {
+            Some(cx.control.events(&c, &p.id).await?)
+        } else {
+            None
+        };
+        out.push((p, steps, evs));
+    }
+    match format {
+        StatusFormat::Json => {
+            let plans: Vec<Json> = out
+                .iter()
+                .map(|(p, steps, evs)| plan_json(p, steps, evs.as_deref()))
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &json!({"version": 1, "control_schema": cx.control.schema, "plans": plans})
+                )
+                .unwrap_or_default()
+            );
+        }
+        StatusFormat::Table => {
+            if out.is_empty() {
+                println!(
+                    "no plans recorded in schema `{}` yet; start one with `pgshift plan apply FILE`",
+                    cx.control.schema
+                );
+            }
+            for (p, steps, evs) in &out {
+                if plan.is_none() {
+                    let done = steps
+                        .iter()
+                        .filter(|s| s.status == status::SUCCEEDED)
+                        .count();
+                    println!(
+                        "{:<32} {:<12} {done}/{} steps  updated {}",
+                        p.id,
+                        p.status,
+                        steps.len(),
+                        p.updated_at
+                    );
+                    continue;
+                }
+                print_plan(p, steps);
+                if let Some(evs) = evs {
+                    println!("\nevents:");
+                    for (at, step, event, detail) in evs.iter() {
+                        println!(
+                            "  {at}  {:<20} {:<22} {detail}",
+                            step.as_deref().unwrap_or("-"),
+                            event
+                        );
+                    }
+                }
+            }
+            if plan.is_none() && !out.is_empty() {
+                println!("\n`pgshift status PLAN_ID` shows one plan's steps");
+            }
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+fn rate(s: &StepRow) -> Option<f64> {
+    match s.duration_secs {
+        Some(d) if d > 0.0 && s.rows_done > 0 => Some(s.rows_done as f64 / d),
+        _ => None,
+    }
+}
+
+fn print_plan(p: &PlanRow, steps: &[StepRow]) {
+    println!(
+        "plan {}  status {}  checksum {}",
+        p.id,
+        p.status,
+        &p.checksum.trim_start_matches("sha256:")[..12.min(p.checksum.len())]
+    );
+    println!(
+        "  file {}\n  started {} by {}",
+        p.file, p.started_at, p.applied_by
+    );
+    if let Some(r) = &p.runner {
+        println!("  running now: {r}");
+    }
+    println!(
+        "\n  {:>2}  {:<10} {:<28} {:<12} {:<11} {:>3} {:>9}  rows",
+        "#", "phase", "step", "kind", "status", "try", "time"
+    );
+    for s in steps {
+        let time = s
+            .duration_secs
+            .map(|d| format!("{d:.1}s"))
+            .unwrap_or_default();
+        let rows = match (s.rows_done, s.rows_total, rate(s)) {
+            (0, None, _) => String::new(),
+            (d, Some(t), Some(r)) => format!("{d}/~{t} ({r:.0}/s)"),
+            (d, Some(t), None) => format!("{d}/~{t}"),
+            (d, None, _) => d.to_string(),
+        };
+        println!(
+            "  {:>2}  {:<10} {:<28} {:<12} {:<11} {:>3} {:>9}  {rows}",
+            s.position + 1,
+            s.phase,
+            s.name,
+            s.kind,
+            s.status,
+            s.attempts,
+            time
+        );
+        if let Some(e) = &s.last_error {
+            if s.status != status::SUCCEEDED {
+                let state = s
+                    .last_sqlstate
+                    .as_deref()
+                    .map(|x| format!(" [SQLSTATE {x}]"))
+                    .unwrap_or_default();
+                println!(
+                    "      last error{state}: {}",
+                    e.lines().next().unwrap_or("")
+                );
+            }
+        }
+        if s.overrides.as_object().is_some_and(|o| !o.is_empty()) {
+            println!("      operator overrides: {}", s.overrides);
+        }
+    }
+    println!("\nnext: {}", next_command(p, steps));
+}
+
+/// The command an operator most likely runs next.
+pub fn next_command(p: &PlanRow, steps: &[StepRow]) -> String {
+    if p.runner.is_some() && p.status == status::RUNNING {
+        return format!(
+            "it is running; watch it with `pgshift status {}` (retune with `pgshift throttle {}`)",
+            p.id, p.id
+        );
+    }
+    match p.status.as_str() {
+        status::SUCCEEDED => "nothing: the plan is done".into(),
+        status::ROLLED_BACK => format!(
+            "nothing, or apply it again: `pgshift plan apply {}`",
+            p.file
+        ),
+        status::WAITING => {
+            let gate = steps
+                .iter()
+                .find(|s| s.status == status::WAITING)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            format!("do what gate `{gate}` asks, then `pgshift resume {}`", p.id)
+        }
+        status::FAILED => {
+            let failed = steps
+                .iter()
+                .find(|s| s.status == status::FAILED)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            format!(
+                "fix what made `{failed}` fail, then `pgshift resume {}`; or undo with `pgshift rollback {}`",
+                p.id, p.id
+            )
+        }
+        _ => format!("`pgshift resume {}`", p.id),
+    }
+}
+
+fn plan_json(
+    p: &PlanRow,
+    steps: &[StepRow],
+    events: Option<&[(String, Option<String>, String, Json)]>,
+) -> Json {
+    let mut v = json!({
+        "id": p.id,
+        "status": p.status,
+        "checksum": p.checksum,
+        "file": p.file,
+        "applied_by": p.applied_by,
+        "runner": p.runner,
+        "started_at": p.started_at,
+        "updated_at": p.updated_at,
+        "next": next_command(p, steps),
+        "steps": steps.iter().map(|s| json!({
+            "position": s.position + 1,
+            "phase": s.phase,
+            "name": s.name,
+            "kind": s.kind,
+            "status": s.status,
+            "attempts": s.attempts,
+            "started_at": s.started_at,
+            "finished_at": s.finished_at,
+            "duration_secs": s.duration_secs,
+            "rows_done": s.rows_done,
+            "rows_total": s.rows_total,
+            "rows_per_sec": rate(s),
+            "last_error": s.last_error,
+            "last_sqlstate": s.last_sqlstate,
+            "checkpoint": s.checkpoint,
+            "overrides": s.overrides,
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(evs) = events {
+        v["events"] = evs.iter().map(|(at, step, event, detail)| json!({"at": at, "step": step, "event": event, "detail": detail})).collect();
+    }
+    v
+}

@@ -1,0 +1,928 @@
+//! The runner: takes the plan's lock, records the plan, and runs its steps from
+//! the first one not succeeded; and the same machinery backwards for rollback.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use super::{Context, Error, Outcome, run as command, sql};
+use crate::control::{StepRow, status};
+use crate::db;
+use crate::plan::{Command, Phase, Plan, Rollback, Step, StepKind};
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `plan apply`: run from the first unfinished step; a waiting gate stays closed.
+    Apply,
+    /// `resume`: the same, and a waiting gate is passed.
+    Resume,
+    /// `backfill`: only the backfill steps (earlier phases must have succeeded).
+    BackfillOnly,
+}
+
+/// `user@host` of whoever runs pgshift, for the plan record.
+pub fn whoami() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .or_else(user_from_passwd)
+        .unwrap_or_else(|| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into());
+    format!("{user}@{host}")
+}
+
+/// The login name of this process's uid, from /etc/passwd (when USER is not set, as under cron).
+fn user_from_passwd() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 2 && f[2] == uid).then(|| f[0].to_string())
+    })
+}
+
+/// The held lock of one plan on its dedicated connection; released explicitly on every path.
+pub struct Held {
+    pub conn: Client,
+    pub plan: String,
+}
+
+/// Opens the lock connection, creates the control schema, takes the plan's lock.
+pub async fn lock(cx: &Context, plan_id: &str) -> Result<Held, Error> {
+    cx.target.check_not_transaction_pooler()?;
+    let mut conn = db::connect(&cx.target).await?;
+    check_session_pooler(&conn).await?;
+    cx.control.ensure(&mut conn).await?;
+    if !cx.control.try_lock(&conn, plan_id).await? {
+        let holder = cx
+            .control
+            .lock_holder(&conn, plan_id)
+            .await?
+            .unwrap_or_else(|| "a runner whose session could not be identified".into());
+        return Err(Error::LockHeld {
+            plan: plan_id.to_string(),
+            holder,
+        });
+    }
+    Ok(Held {
+        conn,
+        plan: plan_id.to_string(),
+    })
+}
+
+/// Two statements on one connection served by two backends: a transaction-mode pooler.
+async fn check_session_pooler(conn: &Client) -> Result<(), Error> {
+    let a: i32 = conn
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .map_err(db::Error::from)?
+        .get(0);
+    let b: i32 = conn
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .map_err(db::Error::from)?
+        .get(0);
+    if a != b {
+        return Err(Error::Usage(
+            "this connection goes through a transaction-mode pooler (consecutive statements ran on different backends): session advisory locks cannot work there; connect directly to the server (port 5432 on Supabase)".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Held {
+    pub async fn release(self, cx: &Context) {
+        let _ = cx.control.set_runner(&self.conn, &self.plan, None).await;
+        let _ = cx.control.unlock(&self.conn, &self.plan).await;
+    }
+}
+
+/// Runs the plan (apply, resume, or only its backfills). Releases the lock on every path.
+pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
+    let mut held = lock(cx, &plan.id).await?;
+    let result = run_locked(cx, plan, mode, &mut held).await;
+    let status = match &result {
+        Ok(()) => None,
+        Err(Error::Gate { .. }) => Some(status::WAITING),
+        Err(Error::Cancelled { .. } | Error::ConnectionLost { .. } | Error::Paused { .. }) => {
+            Some(status::INTERRUPTED)
+        }
+        Err(Error::Step { .. } | Error::Failed { .. }) => Some(status::FAILED),
+        Err(_) => None,
+    };
+    if let Some(s) = status {
+        let _ = cx.control.set_plan_status(&held.conn, &plan.id, s).await;
+    }
+    if let Err(e @ (Error::Step { .. } | Error::Failed { .. })) = &result {
+        let step = match e {
+            Error::Step { step, .. } | Error::Failed { step, .. } => step.clone(),
+            _ => String::new(),
+        };
+        hooks(
+            cx,
+            plan,
+            &plan.hooks.on_failure,
+            "on_failure",
+            None,
+            Some(&step),
+            "failed",
+            Some(&e.to_string()),
+        )
+        .await;
+    }
+    held.release(cx).await;
+    result
+}
+
+async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> Result<(), Error> {
+    let existing = cx.control.register(&mut held.conn, plan, &whoami()).await?;
+    if let Some(row) = &existing {
+        if row.checksum != plan.checksum.0 {
+            if !cx.options.accept_changed {
+                return Err(Error::PlanChanged {
+                    plan: plan.id.clone(),
+                    recorded: row.checksum.clone(),
+                    current: plan.checksum.0.clone(),
+                });
+            }
+            cx.control
+                .set_checksum(&held.conn, &plan.id, &plan.checksum.0)
+                .await?;
+            cx.control
+                .event(
+                    &held.conn,
+                    &plan.id,
+                    None,
+                    "plan_change_accepted",
+                    json!({"recorded": row.checksum, "current": plan.checksum.0, "by": whoami()}),
+                )
+                .await?;
+            cx.reporter.message(&format!(
+                "plan `{}` changed since it started ({} → {}); continuing as you asked",
+                plan.id,
+                short(&row.checksum),
+                plan.checksum.short()
+            ));
+        }
+    }
+    let runner = format!("{} pid {}", whoami(), std::process::id());
+    cx.control
+        .set_runner(&held.conn, &plan.id, Some(&runner))
+        .await?;
+    let rows: HashMap<String, StepRow> = cx
+        .control
+        .steps(&held.conn, &plan.id)
+        .await?
+        .into_iter()
+        .map(|r| (r.name.clone(), r))
+        .collect();
+    if plan.steps.iter().all(|s| {
+        rows.get(&s.name)
+            .is_some_and(|r| r.status == status::SUCCEEDED)
+    }) {
+        cx.control
+            .set_plan_status(&held.conn, &plan.id, status::SUCCEEDED)
+            .await?;
+        cx.reporter.message(&format!(
+            "plan `{}` has already succeeded; nothing to do",
+            plan.id
+        ));
+        return Ok(());
+    }
+    if mode == Mode::BackfillOnly {
+        if let Some(first) = plan.steps.iter().find(|s| {
+            s.phase < Phase::Backfill
+                && rows
+                    .get(&s.name)
+                    .is_none_or(|r| r.status != status::SUCCEEDED)
+        }) {
+            return Err(Error::Usage(format!(
+                "step `{}` ({}) has not succeeded yet; the backfill runs after it. Run `pgshift plan apply {}` first",
+                first.name,
+                first.phase,
+                plan.file.display()
+            )));
+        }
+    }
+    cx.control
+        .set_plan_status(&held.conn, &plan.id, status::RUNNING)
+        .await?;
+    cx.control
+        .event(
+            &held.conn,
+            &plan.id,
+            None,
+            if existing.is_some() {
+                "run_resumed"
+            } else {
+                "run_started"
+            },
+            json!({"mode": format!("{mode:?}"), "runner": runner}),
+        )
+        .await?;
+    let mut phase: Option<Phase> = None;
+    let mut gate_passable = mode == Mode::Resume;
+    for step in &plan.steps {
+        if mode == Mode::BackfillOnly && step.phase != Phase::Backfill {
+            continue;
+        }
+        if mode == Mode::BackfillOnly
+            && cx
+                .options
+                .backfill
+                .step
+                .as_ref()
+                .is_some_and(|n| n != &step.name)
+        {
+            continue;
+        }
+        let row = rows.get(&step.name);
+        let st = row.map(|r| r.status.as_str()).unwrap_or(status::PENDING);
+        if st == status::SUCCEEDED {
+            continue;
+        }
+        if phase != Some(step.phase) {
+            if let Some(prev) = phase {
+                if let Some(cmds) = plan.hooks.after.get(&prev) {
+                    run_hooks_strict(cx, plan, cmds, &format!("after.{prev}"), prev).await?;
+                }
+            }
+            phase = Some(step.phase);
+            if let Some(cmds) = plan.hooks.before.get(&step.phase) {
+                run_hooks_strict(
+                    cx,
+                    plan,
+                    cmds,
+                    &format!("before.{}", step.phase),
+                    step.phase,
+                )
+                .await?;
+            }
+        }
+        if st == status::RUNNING {
+            // The previous runner died mid-step (its lock went with its connection).
+            cx.control
+                .event(
+                    &held.conn,
+                    &plan.id,
+                    Some(&step.name),
+                    "found_interrupted",
+                    json!({"previous_status": "running"}),
+                )
+                .await?;
+        }
+        let pass_gate = matches!(step.kind, StepKind::Gate(_))
+            && (cx.options.auto_gates || (gate_passable && st == status::WAITING));
+        if pass_gate {
+            gate_passable = false;
+        }
+        run_step(cx, plan, step, pass_gate, row).await?;
+    }
+    if mode == Mode::BackfillOnly {
+        cx.reporter
+            .message("backfill steps done; continue the plan with `pgshift resume`");
+        let _ = cx
+            .control
+            .set_plan_status(&held.conn, &plan.id, status::INTERRUPTED)
+            .await;
+        return Ok(());
+    }
+    if let Some(last) = phase {
+        if let Some(cmds) = plan.hooks.after.get(&last) {
+            run_hooks_strict(cx, plan, cmds, &format!("after.{last}"), last).await?;
+        }
+    }
+    cx.control
+        .set_plan_status(&held.conn, &plan.id, status::SUCCEEDED)
+        .await?;
+    cx.control
+        .event(&held.conn, &plan.id, None, "plan_succeeded", json!({}))
+        .await?;
+    hooks(
+        cx,
+        plan,
+        &plan.hooks.on_success,
+        "on_success",
+        None,
+        None,
+        "succeeded",
+        None,
+    )
+    .await;
+    Ok(())
+}
+
+fn short(checksum: &str) -> &str {
+    let hex = checksum.strip_prefix("sha256:").unwrap_or(checksum);
+    &hex[..hex.len().min(12)]
+}
+
+/// Runs one step and records how it ended.
+async fn run_step(
+    cx: &Context,
+    plan: &Plan,
+    step: &Step,
+    pass_gate: bool,
+    row: Option<&StepRow>,
+) -> Result<(), Error> {
+    let _span = tracing::info_span!("step", plan = %plan.id, step = %step.name).entered();
+    {
+        let c = db::get(&cx.pool, &cx.target).await?;
+        cx.control.step_running(&**c, &plan.id, &step.name).await?;
+        cx.control.event(&**c, &plan.id, Some(&step.name), "step_started", json!({"kind": step.kind.name(), "phase": step.phase.as_str(), "attempt": row.map(|r| r.attempts + 1).unwrap_or(1)})).await?;
+    }
+    cx.reporter.message(&format!(
+        "{} {} [{}]",
+        step.phase,
+        step.name,
+        step.kind.name()
+    ));
+    let outcome = execute(cx, plan, step, pass_gate).await;
+    let c = db::get(&cx.pool, &cx.target).await;
+    let c = match c {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(match outcome {
+                Err(err) => err,
+                Ok(_) => Error::ConnectionLost {
+                    step: step.name.clone(),
+                    source: e,
+                },
+            });
+        }
+    };
+    match outcome {
+        Ok(Outcome::Done) => {
+            // Transactional kinds marked themselves inside their own transaction.
+            if !marks_itself(step) {
+                cx.control
+                    .step_status(&**c, &plan.id, &step.name, status::SUCCEEDED, None)
+                    .await?;
+                cx.control
+                    .event(
+                        &**c,
+                        &plan.id,
+                        Some(&step.name),
+                        "step_succeeded",
+                        json!({}),
+                    )
+                    .await?;
+            }
+            Ok(())
+        }
+        Ok(Outcome::Gate(message)) => {
+            cx.control
+                .step_status(&**c, &plan.id, &step.name, status::WAITING, None)
+                .await?;
+            cx.control
+                .event(
+                    &**c,
+                    &plan.id,
+                    Some(&step.name),
+                    "gate_waiting",
+                    json!({"message": message}),
+                )
+                .await?;
+            drop(c);
+            hooks(
+                cx,
+                plan,
+                &plan.hooks.on_gate,
+                "on_gate",
+                Some(step.phase),
+                Some(&step.name),
+                "waiting",
+                None,
+            )
+            .await;
+            Err(Error::Gate {
+                plan: plan.id.clone(),
+                step: step.name.clone(),
+                message,
+            })
+        }
+        Ok(Outcome::Cancelled) => {
+            cx.control
+                .step_status(&**c, &plan.id, &step.name, status::INTERRUPTED, None)
+                .await?;
+            cx.control
+                .event(&**c, &plan.id, Some(&step.name), "interrupted", json!({}))
+                .await?;
+            Err(Error::Cancelled {
+                step: step.name.clone(),
+            })
+        }
+        Ok(Outcome::Paused) => {
+            cx.control
+                .step_status(&**c, &plan.id, &step.name, status::INTERRUPTED, None)
+                .await?;
+            cx.control
+                .event(&**c, &plan.id, Some(&step.name), "paused", json!({}))
+                .await?;
+            Err(Error::Paused {
+                step: step.name.clone(),
+            })
+        }
+        Err(e) => {
+            let (msg, state) = match &e {
+                Error::Step { source, .. } => {
+                    (db_message(source), source.sqlstate().map(str::to_string))
+                }
+                Error::ConnectionLost { source, .. } => {
+                    (source.to_string(), source.sqlstate().map(str::to_string))
+                }
+                other => (other.to_string(), None),
+            };
+            let st = match e {
+                Error::ConnectionLost { .. } | Error::Cancelled { .. } => status::INTERRUPTED,
+                _ => status::FAILED,
+            };
+            let _ = cx
+                .control
+                .step_status(
+                    &**c,
+                    &plan.id,
+                    &step.name,
+                    st,
+                    Some((&msg, state.as_deref())),
+                )
+                .await;
+            let _ = cx
+                .control
+                .event(
+                    &**c,
+                    &plan.id,
+                    Some(&step.name),
+                    if st == status::FAILED {
+                        "step_failed"
+                    } else {
+                        "interrupted"
+                    },
+                    json!({"error": msg, "sqlstate": state}),
+                )
+                .await;
+            Err(e)
+        }
+    }
+}
+
+fn db_message(e: &db::Error) -> String {
+    e.to_string()
+}
+
+fn marks_itself(step: &Step) -> bool {
+    match &step.kind {
+        StepKind::Sql(b) => b.transactional,
+        StepKind::Trigger(_) | StepKind::DropTrigger(_) => true,
+        _ => false,
+    }
+}
+
+/// Dispatches on the step's kind.
+async fn execute(
+    cx: &Context,
+    plan: &Plan,
+    step: &Step,
+    pass_gate: bool,
+) -> Result<Outcome, Error> {
+    match &step.kind {
+        StepKind::Sql(body) if body.transactional => {
+            sql::run_transactional(cx, plan, step, &sql::statements_of(body), status::SUCCEEDED)
+                .await
+        }
+        StepKind::Sql(body) => {
+            sql::run_non_transactional(cx, plan, step, &body.statements[0].text).await
+        }
+        StepKind::Trigger(spec) => {
+            sql::run_transactional(
+                cx,
+                plan,
+                step,
+                &super::trigger::statements(&plan.id, &step.name, spec),
+                status::SUCCEEDED,
+            )
+            .await
+        }
+        StepKind::DropTrigger(d) => {
+            sql::run_transactional(
+                cx,
+                plan,
+                step,
+                &super::trigger::rollback_statements(&plan.id, &d.step, &d.trigger),
+                status::SUCCEEDED,
+            )
+            .await
+        }
+        StepKind::Backfill(spec) => crate::backfill::run(cx, plan, step, spec).await,
+        StepKind::Check(check) => run_check(cx, plan, step, check).await,
+        StepKind::Gate(message) => {
+            if pass_gate {
+                let c = db::get(&cx.pool, &cx.target).await?;
+                let by = if cx.options.auto_gates {
+                    "pgshift demo, on the operator's behalf"
+                } else {
+                    "the operator (resume)"
+                };
+                cx.control
+                    .event(
+                        &**c,
+                        &plan.id,
+                        Some(&step.name),
+                        "gate_passed",
+                        json!({"by": by, "who": whoami()}),
+                    )
+                    .await?;
+                cx.reporter
+                    .message(&format!("gate `{}` passed by {by}", step.name));
+                Ok(Outcome::Done)
+            } else {
+                Ok(Outcome::Gate(message.clone()))
+            }
+        }
+        StepKind::Run(cmd) => run_command(cx, plan, step, cmd, "run").await,
+    }
+}
+
+async fn run_check(
+    cx: &Context,
+    plan: &Plan,
+    step: &Step,
+    check: &crate::plan::CheckSpec,
+) -> Result<Outcome, Error> {
+    let deadline = check.wait.map(|w| tokio::time::Instant::now() + w);
+    let mut polls = 0u32;
+    loop {
+        polls += 1;
+        let c = db::get(&cx.pool, &cx.target).await?;
+        let value = {
+            let tx_result = async {
+                let mut c = c;
+                let raw: &mut tokio_postgres::Client = &mut c;
+                let tx = raw.transaction().await?;
+                db::set_local_timeouts(&tx, step.lock_timeout, step.statement_timeout).await?;
+                tx.execute("SET TRANSACTION READ ONLY", &[]).await?;
+                let row = tx.query_one(check.query.as_str(), &[]).await?;
+                let v: Option<bool> = row.try_get(0).map_err(db::Error::from)?;
+                tx.commit().await?;
+                Ok::<_, db::Error>(v)
+            };
+            match tx_result.await {
+                Ok(v) => v,
+                Err(e) if e.is_retryable() => Some(false),
+                Err(e) if e.is_connection_lost() => {
+                    return Err(Error::ConnectionLost {
+                        step: step.name.clone(),
+                        source: e,
+                    });
+                }
+                Err(e) => {
+                    return Err(Error::Step {
+                        step: step.name.clone(),
+                        source: e,
+                    });
+                }
+            }
+        };
+        if value == Some(true) {
+            return Ok(Outcome::Done);
+        }
+        match deadline {
+            Some(d) if tokio::time::Instant::now() + check.interval <= d => {
+                if polls == 1 {
+                    cx.reporter.message(&format!(
+                        "check `{}` is not true yet; polling every {} for up to {}",
+                        step.name,
+                        crate::plan::duration::format(check.interval),
+                        crate::plan::duration::format(check.wait.unwrap_or_default())
+                    ));
+                }
+                tokio::select! {
+                    _ = cx.cancel.cancelled() => return Ok(Outcome::Cancelled),
+                    _ = tokio::time::sleep(check.interval) => {}
+                }
+            }
+            _ => {
+                let got = match value {
+                    Some(false) => "false",
+                    _ => "NULL",
+                };
+                let waited = match check.wait {
+                    Some(w) => format!(
+                        " (polled {polls} times over {})",
+                        crate::plan::duration::format(w)
+                    ),
+                    None => String::new(),
+                };
+                return Err(Error::Failed {
+                    step: step.name.clone(),
+                    message: format!(
+                        "check returned {got}{waited}: `{}`. Fix the data (or wait for it), then `pgshift resume {}`",
+                        check.query, plan.id
+                    ),
+                });
+            }
+        }
+    }
+}
+
+fn env_for(
+    plan: &Plan,
+    phase: Option<Phase>,
+    step: Option<&str>,
+    status: &str,
+    error: Option<&str>,
+) -> BTreeMap<String, String> {
+    let mut v = BTreeMap::new();
+    v.insert("PGSHIFT_PLAN".to_string(), plan.id.clone());
+    v.insert(
+        "PGSHIFT_PHASE".to_string(),
+        phase.map(|p| p.as_str().to_string()).unwrap_or_default(),
+    );
+    v.insert(
+        "PGSHIFT_STEP".to_string(),
+        step.unwrap_or_default().to_string(),
+    );
+    v.insert("PGSHIFT_STATUS".to_string(), status.to_string());
+    v.insert(
+        "PGSHIFT_ERROR".to_string(),
+        error.unwrap_or_default().to_string(),
+    );
+    v
+}
+
+async fn run_command(
+    cx: &Context,
+    plan: &Plan,
+    step: &Step,
+    cmd: &Command,
+    what: &str,
+) -> Result<Outcome, Error> {
+    let vars = env_for(plan, Some(step.phase), Some(&step.name), "running", None);
+    let ran = command::run(cmd, &vars, &cx.cancel)
+        .await
+        .map_err(|e| Error::Failed {
+            step: step.name.clone(),
+            message: format!("cannot start `{}`: {e}", cmd.command),
+        })?;
+    if let Ok(c) = db::get(&cx.pool, &cx.target).await {
+        let _ = cx
+            .control
+            .event(&**c, &plan.id, Some(&step.name), &format!("{what}_output"), json!({"command": cmd.command, "code": ran.code, "timed_out": ran.timed_out, "elapsed_ms": ran.elapsed.as_millis() as u64, "output": ran.tail}))
+            .await;
+    }
+    if ran.cancelled {
+        return Ok(Outcome::Cancelled);
+    }
+    if !ran.success() {
+        return Err(Error::Failed {
+            step: step.name.clone(),
+            message: ran.failure(&cmd.command, cmd.timeout),
+        });
+    }
+    Ok(Outcome::Done)
+}
+
+/// Phase hooks: a failure stops the plan (they guard the phase).
+async fn run_hooks_strict(
+    cx: &Context,
+    plan: &Plan,
+    cmds: &[Command],
+    name: &str,
+    phase: Phase,
+) -> Result<(), Error> {
+    for cmd in cmds {
+        let vars = env_for(plan, Some(phase), None, "running", None);
+        let ran = command::run(cmd, &vars, &cx.cancel)
+            .await
+            .map_err(|e| Error::Failed {
+                step: format!("hook {name}"),
+                message: e.to_string(),
+            })?;
+        if let Ok(c) = db::get(&cx.pool, &cx.target).await {
+            let _ = cx.control.event(&**c, &plan.id, None, "hook", json!({"hook": name, "command": cmd.command, "code": ran.code, "output": ran.tail})).await;
+        }
+        if ran.cancelled {
+            return Err(Error::Cancelled {
+                step: format!("hook {name}"),
+            });
+        }
+        if !ran.success() {
+            return Err(Error::Failed {
+                step: format!("hook {name}"),
+                message: ran.failure(&cmd.command, cmd.timeout),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Notification hooks: a failure is logged as an event and never hides the original outcome.
+#[allow(clippy::too_many_arguments)]
+async fn hooks(
+    cx: &Context,
+    plan: &Plan,
+    cmds: &[Command],
+    name: &str,
+    phase: Option<Phase>,
+    step: Option<&str>,
+    status: &str,
+    error: Option<&str>,
+) {
+    for cmd in cmds {
+        let vars = env_for(plan, phase, step, status, error);
+        let ran = command::run(cmd, &vars, &tokio_util::sync::CancellationToken::new()).await;
+        let (code, tail, ok) = match &ran {
+            Ok(r) => (r.code, r.tail.clone(), r.success()),
+            Err(e) => (None, e.to_string(), false),
+        };
+        if let Ok(c) = db::get(&cx.pool, &cx.target).await {
+            let _ = cx
+                .control
+                .event(
+                    &**c,
+                    &plan.id,
+                    step,
+                    if ok { "hook" } else { "hook_failed" },
+                    json!({"hook": name, "command": cmd.command, "code": code, "output": tail}),
+                )
+                .await;
+        }
+        if !ok {
+            cx.reporter.message(&format!(
+                "hook {name} (`{}`) failed; see `pgshift status {}` events",
+                cmd.command, plan.id
+            ));
+        }
+    }
+}
+
+/// Runs the rollbacks of done (or partly done) steps in reverse order.
+pub async fn rollback(cx: &Context, plan: &Plan) -> Result<(), Error> {
+    let mut held = lock(cx, &plan.id).await?;
+    let result = rollback_locked(cx, plan, &mut held).await;
+    held.release(cx).await;
+    result
+}
+
+async fn rollback_locked(cx: &Context, plan: &Plan, held: &mut Held) -> Result<(), Error> {
+    let Some(row) = cx.control.plan_row(&held.conn, &plan.id).await? else {
+        return Err(Error::Usage(format!(
+            "plan `{}` has never run against this database; there is nothing to roll back",
+            plan.id
+        )));
+    };
+    if row.checksum != plan.checksum.0 && !cx.options.accept_changed {
+        return Err(Error::PlanChanged {
+            plan: plan.id.clone(),
+            recorded: row.checksum,
+            current: plan.checksum.0.clone(),
+        });
+    }
+    cx.control
+        .set_runner(
+            &held.conn,
+            &plan.id,
+            Some(&format!(
+                "{} pid {} (rollback)",
+                whoami(),
+                std::process::id()
+            )),
+        )
+        .await?;
+    let rows: HashMap<String, StepRow> = cx
+        .control
+        .steps(&held.conn, &plan.id)
+        .await?
+        .into_iter()
+        .map(|r| (r.name.clone(), r))
+        .collect();
+    cx.control
+        .event(
+            &held.conn,
+            &plan.id,
+            None,
+            "rollback_started",
+            json!({"by": whoami()}),
+        )
+        .await?;
+    for step in plan.steps.iter().rev() {
+        let Some(r) = rows.get(&step.name) else {
+            continue;
+        };
+        let st = r.status.as_str();
+        // Partly done: a non-transactional step that failed or was interrupted may have left something.
+        let partly = matches!(st, status::FAILED | status::INTERRUPTED | status::RUNNING)
+            && !marks_itself(step);
+        if st != status::SUCCEEDED && st != status::WAITING && !partly {
+            continue;
+        }
+        cx.reporter.message(&format!(
+            "rolling back {} [{}]",
+            step.name,
+            step.kind.name()
+        ));
+        // `marked`: the rollback committed its own `rolled_back` mark in its transaction.
+        let (outcome, marked) = match (&step.kind, &step.rollback) {
+            (StepKind::Check(_) | StepKind::Gate(_), _) => (Ok(Outcome::Done), false),
+            (StepKind::Backfill(_), _) => {
+                let c = db::get(&cx.pool, &cx.target).await?;
+                cx.control
+                    .reset_backfill_ranges(&**c, &plan.id, &step.name)
+                    .await?;
+                (Ok(Outcome::Done), false)
+            }
+            (StepKind::Trigger(spec), _) => (
+                sql::run_transactional(
+                    cx,
+                    plan,
+                    step,
+                    &super::trigger::rollback_statements(&plan.id, &step.name, spec),
+                    status::ROLLED_BACK,
+                )
+                .await,
+                true,
+            ),
+            (StepKind::DropTrigger(d), _) => (
+                sql::run_transactional(
+                    cx,
+                    plan,
+                    step,
+                    &super::trigger::statements(&plan.id, &d.step, &d.trigger),
+                    status::ROLLED_BACK,
+                )
+                .await,
+                true,
+            ),
+            (_, Some(Rollback::Sql(body))) if body.transactional => (
+                sql::run_transactional(
+                    cx,
+                    plan,
+                    step,
+                    &sql::statements_of(body),
+                    status::ROLLED_BACK,
+                )
+                .await,
+                true,
+            ),
+            (_, Some(Rollback::Sql(body))) => (
+                sql::run_non_transactional(cx, plan, step, &body.statements[0].text).await,
+                false,
+            ),
+            (_, Some(Rollback::Run(cmd))) => {
+                (run_command(cx, plan, step, cmd, "rollback").await, false)
+            }
+            (_, None) => {
+                cx.control
+                    .event(
+                        &held.conn,
+                        &plan.id,
+                        Some(&step.name),
+                        "rollback_blocked",
+                        json!({}),
+                    )
+                    .await?;
+                return Err(Error::Failed {
+                    step: step.name.clone(),
+                    message: format!(
+                        "it has no rollback, so `pgshift rollback` stops here; the steps after it were rolled back. Undo it by hand if you must, then continue with a plan file that has its rollback and `pgshift rollback {} --accept-changed`",
+                        plan.id
+                    ),
+                });
+            }
+        };
+        match outcome? {
+            Outcome::Done if !marked => {
+                let c = db::get(&cx.pool, &cx.target).await?;
+                cx.control
+                    .step_status(&**c, &plan.id, &step.name, status::ROLLED_BACK, None)
+                    .await?;
+                cx.control
+                    .event(&**c, &plan.id, Some(&step.name), "rollback_done", json!({}))
+                    .await?;
+            }
+            Outcome::Done => {}
+            Outcome::Cancelled | Outcome::Gate(_) | Outcome::Paused => {
+                return Err(Error::Cancelled {
+                    step: step.name.clone(),
+                });
+            }
+        }
+    }
+    cx.control
+        .set_plan_status(&held.conn, &plan.id, status::ROLLED_BACK)
+        .await?;
+    cx.control
+        .event(&held.conn, &plan.id, None, "rollback_finished", json!({}))
+        .await?;
+    Ok(())
+}
