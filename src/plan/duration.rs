@@ -24,25 +24,31 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         let number: f64 = rest[..num_len]
             .parse()
             .map_err(|_| format!("`{t}` is not a duration; {help}"))?;
-        rest = &rest[num_len..];
+        // `5 s` and `1h 30m` read naturally; spaces around a unit are allowed.
+        rest = rest[num_len..].trim_start();
         let unit_len = rest
             .find(|c: char| !c.is_ascii_alphabetic())
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
+        rest = rest[unit_len..].trim_start();
         let secs = match unit {
             "ms" => number / 1000.0,
             "s" => number,
             "m" | "min" => number * 60.0,
             "h" => number * 3600.0,
             "" => return Err(format!("`{t}` has no unit; {help}")),
+            "d" | "day" | "days" => {
+                return Err(format!(
+                    "`{t}`: days are not a unit here; write hours instead (`24h`)"
+                ));
+            }
             other => return Err(format!("`{other}` is not a unit of time in `{t}`; {help}")),
         };
         total += Duration::from_secs_f64(secs);
     }
     if total > Duration::from_secs(7 * 24 * 3600) {
         return Err(format!(
-            "`{t}` is longer than a week; that is surely a mistake"
+            "`{t}` is longer than a week, which is surely a mistake; durations go up to `168h`"
         ));
     }
     Ok(total)
@@ -86,6 +92,14 @@ mod tests {
         assert_eq!(parse("10m").unwrap(), Duration::from_secs(600));
         assert_eq!(parse("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse("5 s").unwrap(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_spaced_unknown_unit_is_named_as_the_unit() {
+        let e = parse("5 parsecs").unwrap_err();
+        assert!(e.starts_with("`parsecs` is not a unit of time"), "{e}");
     }
 
     #[test]

@@ -229,8 +229,13 @@ impl Validator {
             self.error(
                 node.pos,
                 "range",
-                format!("{what} is {n}; it must be between {min} and {max}"),
-                None,
+                format!(
+                    "{what} is {}; it must be between {} and {}",
+                    thousands(n),
+                    thousands(min),
+                    thousands(max)
+                ),
+                range_help(what),
             );
             return None;
         }
@@ -243,14 +248,27 @@ impl Validator {
         let statements = match sql::split(&text) {
             Ok(s) => s,
             Err(errors) => {
-                for e in errors.iter().take(3) {
+                // One error per bad statement: the parser reports every token it
+                // could not place after the first, which only buries the real one.
+                let mut resume_at = 0;
+                let mut reported = 0;
+                for e in &errors {
+                    if e.offset < resume_at || reported == 3 {
+                        continue;
+                    }
+                    resume_at = text[e.offset..]
+                        .find(';')
+                        .map(|i| e.offset + i + 1)
+                        .unwrap_or(text.len() + 1);
+                    reported += 1;
                     let pos = pos_in_scalar(node, &text, e.offset);
+                    let near = first_words(&text[e.offset.min(text.len())..]);
                     self.error(
                         pos,
                         "sql-syntax",
-                        format!("{what} does not parse: {}", e.message),
+                        format!("{what} does not parse at `{near}`: {}", e.message),
                         Some(
-                            "check the statement at this line; statements are separated by `;`"
+                            "fix the statement at this line (PostgreSQL syntax); separate statements with `;`"
                                 .into(),
                         ),
                     );
@@ -296,12 +314,12 @@ impl Validator {
                     s.pos,
                     "non-transactional-mixed",
                     format!(
-                        "{} ({}), so it must be the only statement of its step; this one has {}",
+                        "`{}…`: {}, so it must be the only statement of its step; this step has {} statements",
                         first_words(&s.text),
                         s.non_transactional.unwrap_or_default(),
                         statements.len()
                     ),
-                    Some("move this statement into a step of its own".into()),
+                    Some("move this statement into a step of its own; the other statements keep their transaction".into()),
                 );
             }
             ok = false;
@@ -322,12 +340,12 @@ impl Validator {
 
     fn expression(&mut self, node: &Node, what: &str) -> Option<String> {
         let text = self.string(node, what)?;
-        if let Err(e) = sql::check_expression(&text) {
+        if let Err(e) = sql::check_expression_at(&text) {
             self.error(
-                node.pos,
+                pos_in_value(node, &text, e.offset),
                 "sql-syntax",
-                format!("{what} `{text}` is not a valid SQL expression: {e}"),
-                None,
+                format!("{what} `{text}` is not a valid SQL expression: {}", e.message),
+                Some("write one PostgreSQL expression, such as `lower(email)` or `email_hash IS NULL`".into()),
             );
             return None;
         }
@@ -336,12 +354,17 @@ impl Validator {
 
     fn query(&mut self, node: &Node, what: &str) -> Option<String> {
         let text = self.string(node, what)?;
-        if let Err(e) = sql::check_single_query(&text) {
+        if let Err(e) = sql::check_single_query_at(&text) {
+            let near = first_words(&text[e.offset.min(text.len())..]);
             self.error(
-                node.pos,
+                pos_in_value(node, &text, e.offset),
                 "sql-syntax",
-                format!("{what} does not parse: {e}"),
-                None,
+                if near.is_empty() {
+                    format!("{what} does not parse: {}", e.message)
+                } else {
+                    format!("{what} does not parse at `{near}`: {}", e.message)
+                },
+                Some("write one PostgreSQL query, such as `SELECT count(*) = 0 FROM leads WHERE email_hash IS NULL`".into()),
             );
             return None;
         }
@@ -509,7 +532,13 @@ impl Validator {
         let root = match raw::parse(text) {
             Ok(n) => n,
             Err(e) => {
-                self.error(e.pos, "yaml", format!("not valid YAML: {}", e.message), Some("a plan is one YAML document: a map with `id`, `description`, `settings`, `phases`".into()));
+                let help = yaml_help(&e.message);
+                self.error(
+                    e.pos,
+                    "yaml",
+                    format!("not valid YAML: {}", e.message),
+                    Some(help),
+                );
                 return None;
             }
         };
@@ -617,7 +646,7 @@ impl Validator {
                 }
             }
         }
-        if !saw_phases {
+        if !saw_phases && matches!(root.value, Value::Map(_)) {
             self.error(
                 root.pos,
                 "missing",
@@ -1348,6 +1377,20 @@ impl Validator {
     }
 }
 
+/// Like [`pos_in_scalar`] for values that may be quoted or folded: exact for
+/// plain one-line values and literal blocks, the value's start otherwise.
+fn pos_in_value(node: &Node, text: &str, offset: usize) -> Pos {
+    if text.contains('\n') || offset == 0 {
+        // A folded or multi-line flow scalar does not map line for line onto the file.
+        return if text.trim_end().contains('\n') {
+            pos_in_scalar(node, text, offset)
+        } else {
+            node.pos
+        };
+    }
+    pos_in_scalar(node, text, offset)
+}
+
 /// The position of byte `offset` of a scalar's text in the file.
 fn pos_in_scalar(node: &Node, text: &str, offset: usize) -> Pos {
     let offset = offset.min(text.len());
@@ -1361,6 +1404,48 @@ fn pos_in_scalar(node: &Node, text: &str, offset: usize) -> Pos {
         line: node.pos.line + line_off,
         col: node.pos.col + col_in_line,
     }
+}
+
+/// What to do about a YAML error, by what the parser said.
+fn yaml_help(message: &str) -> String {
+    if message.contains("appears twice") {
+        "remove one of the two: YAML keeps a single value per key, and pgshift will not guess which one you meant".into()
+    } else if message.contains("nested") || message.contains("alias") {
+        "a plan is shallow: `phases:` → phase → list of steps → the step's keys; write it out without deep nesting or aliases".into()
+    } else if message.contains("tab") {
+        "indent with spaces: YAML does not allow tabs for indentation".into()
+    } else {
+        "check the indentation and quoting at this line; a plan is one YAML document, a map with `id`, `description`, `settings`, `hooks` and `phases`".into()
+    }
+}
+
+/// Advice for a number outside its range, naming the default where there is one.
+fn range_help(what: &str) -> Option<String> {
+    match what {
+        "batch_size" => Some(format!(
+            "the default is {}; batches of a few thousand rows keep each lock short",
+            thousands(defaults::BATCH_SIZE as i64)
+        )),
+        "workers" => Some(format!(
+            "the default is {} worker; more workers split the key range in parallel",
+            defaults::WORKERS
+        )),
+        "retries" => Some(format!("the default is {}", defaults::RETRIES)),
+        _ => None,
+    }
+}
+
+/// `2000000` as `2,000,000`.
+fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
 }
 
 fn first_words(sql: &str) -> String {
