@@ -144,17 +144,15 @@ fn squawk(body: &SqlBody, rollback_created: Option<&HashSet<String>>) -> Vec<Fin
     let mut out = Vec::new();
     for v in linter.lint(&file, &body.text) {
         let offset = usize::from(v.text_range.start());
-        if let Some(created) = rollback_created {
-            if is_drop_rule(v.code) {
-                if let Some(stmt) = stmts
-                    .iter()
-                    .find(|n| n.text_range().contains_inclusive(v.text_range.start()))
-                {
-                    let dropped = dropped_names(stmt);
-                    if !dropped.is_empty() && dropped.iter().all(|d| created.contains(d)) {
-                        continue;
-                    }
-                }
+        if let Some(created) = rollback_created
+            && is_drop_rule(v.code)
+            && let Some(stmt) = stmts
+                .iter()
+                .find(|n| n.text_range().contains_inclusive(v.text_range.start()))
+        {
+            let dropped = dropped_names(stmt);
+            if !dropped.is_empty() && dropped.iter().all(|d| created.contains(d)) {
+                continue;
             }
         }
         let pos = statement_at(body, offset)

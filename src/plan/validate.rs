@@ -730,10 +730,10 @@ impl Validator {
         // Find the name first so that every error below names the step.
         if let Value::Map(entries) = &node.value {
             for (k, v) in entries {
-                if matches!(&k.value, Value::Str(s) if s == "name") {
-                    if let Value::Str(n) = &v.value {
-                        self.step = Some(n.clone());
-                    }
+                if matches!(&k.value, Value::Str(s) if s == "name")
+                    && let Value::Str(n) = &v.value
+                {
+                    self.step = Some(n.clone());
                 }
             }
         }
@@ -755,7 +755,13 @@ impl Validator {
                 "name" => {
                     if let Some(n) = self.string(val, "step name") {
                         if !is_step_name(&n) {
-                            self.error(val.pos, "name", format!("step name `{n}` is not snake_case"), Some("a step name has 1–63 characters: lower-case letters, digits and `_`, starting with a letter (e.g. `add_email_hash`)".into()));
+                            let example = snake_case(&n);
+                            let example = if is_step_name(&example) {
+                                example
+                            } else {
+                                "add_email_hash".into()
+                            };
+                            self.error(val.pos, "name", format!("step name `{n}` is not snake_case"), Some(format!("a step name has 1–63 characters: lower-case letters, digits and `_`, starting with a letter (e.g. `{example}`)")));
                         }
                         name = Some(n);
                     }
@@ -771,7 +777,7 @@ impl Validator {
                         .unwrap_or("sql");
                     kinds.push((kk, k, val));
                 }
-                "rollback" => rollback_node = Some(*val),
+                "rollback" => rollback_node = Some((k.pos, *val)),
                 "lock_timeout" => {
                     if let Some(d) = self.duration(val, "lock_timeout") {
                         if d.is_zero() {
@@ -833,20 +839,20 @@ impl Validator {
         };
         let rollback = match (rollback_node, &kind) {
             (None, _) => None,
-            (Some(r), Some(StepKind::Check(_) | StepKind::Gate(_))) => {
+            (Some((at, _)), Some(StepKind::Check(_) | StepKind::Gate(_))) => {
                 self.error(
-                    r.pos,
+                    at,
                     "rollback",
                     "a check or gate step changes nothing, so it has no rollback",
                     Some("remove `rollback` from this step".into()),
                 );
                 None
             }
-            (Some(r), Some(StepKind::Trigger(_) | StepKind::DropTrigger(_))) => {
-                self.error(r.pos, "rollback", "trigger steps get a generated rollback", Some("remove `rollback`: pgshift drops (or re-creates) the trigger and function itself".into()));
+            (Some((at, _)), Some(StepKind::Trigger(_) | StepKind::DropTrigger(_))) => {
+                self.error(at, "rollback", "trigger steps get a generated rollback", Some("remove `rollback`: pgshift drops (or re-creates) the trigger and function itself".into()));
                 None
             }
-            (Some(r), _) => self.rollback(r),
+            (Some((_, r)), _) => self.rollback(r),
         };
         if self.error_count() > errors_before {
             return None;
@@ -1068,6 +1074,7 @@ impl Validator {
         let mut when = None;
         let mut ok = true;
         let mut saw_set = false;
+        let errors_before = self.error_count();
         for (key, _, val) in self.entries(node, "trigger", &["table", "set", "reverse", "when"]) {
             match key.as_str() {
                 "table" => table = self.table(val, "trigger table"),
@@ -1083,13 +1090,14 @@ impl Validator {
                 _ => {}
             }
         }
-        if table.is_none()
-            && matches!(node.value, Value::Map(_))
-            && !self
-                .diags
-                .iter()
-                .any(|d| d.rule == "identifier" || d.rule == "empty")
-        {
+        // Only when `table` is absent, not when it was present and already reported
+        // (and only this step's errors count: an earlier step's must not hide this one).
+        let table_reported = self.diags[..]
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .skip(errors_before)
+            .any(|d| d.rule == "identifier" || d.rule == "empty");
+        if table.is_none() && matches!(node.value, Value::Map(_)) && !table_reported {
             self.error(
                 node.pos,
                 "missing",
@@ -1174,17 +1182,16 @@ impl Validator {
                     set = match &val.value {
                         Value::Str(_) => {
                             let clause = self.string(val, "backfill `set`");
-                            if let Some(c) = &clause {
-                                if let Err(e) =
+                            if let Some(c) = &clause
+                                && let Err(e) =
                                     sql::check_single_query(&format!("UPDATE t SET {c}"))
-                                {
-                                    self.error(
-                                        val.pos,
-                                        "sql-syntax",
-                                        format!("backfill `set` clause does not parse: {e}"),
-                                        None,
-                                    );
-                                }
+                            {
+                                self.error(
+                                    val.pos,
+                                    "sql-syntax",
+                                    format!("backfill `set` clause does not parse: {e}"),
+                                    None,
+                                );
                             }
                             clause.map(BackfillSet::Clause)
                         }
@@ -1440,7 +1447,7 @@ fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -1458,6 +1465,19 @@ fn key_text(node: &Node) -> String {
         Value::Str(s) => s.clone(),
         other => other.describe().to_string(),
     }
+}
+
+/// `Add-Email Hash` as `add_email_hash`, to suggest a valid step name.
+fn snake_case(n: &str) -> String {
+    let mut out = String::new();
+    for c in n.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    out.trim_matches('_').chars().take(63).collect()
 }
 
 fn is_step_name(n: &str) -> bool {
