@@ -100,6 +100,7 @@ pub fn lint(plan: &Plan) -> Vec<Diagnostic> {
                 used.insert(f.rule);
                 d.severity = Severity::Warning;
                 d.message = format!("{} (allowed: {reason})", d.message);
+                d.help = None;
             }
             out.push(d);
         }

@@ -589,3 +589,52 @@ fn validating_a_thousand_step_plan_takes_well_under_a_second() {
     assert!(took < Duration::from_secs(2), "took {took:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The ```yaml blocks of a Markdown file that are whole plans (start with `id:` or `phases:`).
+fn plan_blocks(markdown: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for (i, line) in markdown.lines().enumerate() {
+        match &mut current {
+            None if line.trim_start() == "```yaml" => current = Some((i + 2, String::new())),
+            Some(_) if line.trim_start() == "```" => {
+                let (at, text) = current.take().unwrap_or_default();
+                if text.starts_with("id:") || text.starts_with("phases:") {
+                    out.push((at, text));
+                }
+            }
+            Some((_, text)) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn every_plan_in_the_plan_format_reference_validates() {
+    let doc = project_file("docs/plan-format.md");
+    let text = std::fs::read_to_string(&doc).expect("docs/plan-format.md");
+    let blocks = plan_blocks(&text);
+    assert!(
+        blocks.len() >= 3,
+        "expected several plans in {}",
+        doc.display()
+    );
+    let dir = scratch("docs");
+    let mut failures = Vec::new();
+    for (line, yaml) in blocks {
+        let path = dir.join(format!("plan_format_line_{line}.yaml"));
+        std::fs::write(&path, yaml).expect("write block");
+        let (code, err, _) = validate(&path);
+        if code != Some(0) {
+            failures.push(format!(
+                "the block at docs/plan-format.md:{line} (exit {code:?}):\n{err}"
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
