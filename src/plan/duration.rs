@@ -44,14 +44,18 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             }
             other => return Err(format!("`{other}` is not a unit of time in `{t}`; {help}")),
         };
-        total += Duration::from_secs_f64(secs);
+        // Checked: `from_secs_f64` panics on overflow or NaN, and a plan is untrusted input.
+        let part = Duration::try_from_secs_f64(secs).map_err(|_| too_long(t))?;
+        total = total.checked_add(part).ok_or_else(|| too_long(t))?;
     }
     if total > Duration::from_secs(7 * 24 * 3600) {
-        return Err(format!(
-            "`{t}` is longer than a week, which is surely a mistake; durations go up to `168h`"
-        ));
+        return Err(too_long(t));
     }
     Ok(total)
+}
+
+fn too_long(t: &str) -> String {
+    format!("`{t}` is longer than a week, which is surely a mistake; durations go up to `168h`")
 }
 
 /// Formats a duration the way a plan writes it (`500ms`, `2s`, `10m`, `1m30s`).
@@ -104,7 +108,20 @@ mod tests {
 
     #[test]
     fn rejects_the_rest() {
-        for bad in ["", "5", "ms", "5 parsecs", "-1s", "1d", "1x", "9999h"] {
+        for bad in [
+            "",
+            "5",
+            "ms",
+            "5 parsecs",
+            "-1s",
+            "1d",
+            "1x",
+            "9999h",
+            // Regression: these panicked in `Duration::from_secs_f64` (found by the bad-plan corpus probes).
+            "99999999999999999999h",
+            "1e400s",
+            "1.7976931348623157e308s",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

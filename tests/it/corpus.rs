@@ -144,6 +144,14 @@ const CORPUS: &[Expect] = &[
         "duration",
         "days are not a unit here",
     ),
+    // Regression: a huge duration panicked in Duration::from_secs_f64.
+    e(
+        "duration_overflow.yaml",
+        5,
+        21,
+        "duration",
+        "longer than a week",
+    ),
     e(
         "duration_in_parsecs.yaml",
         6,
