@@ -24,28 +24,38 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         let number: f64 = rest[..num_len]
             .parse()
             .map_err(|_| format!("`{t}` is not a duration; {help}"))?;
-        rest = &rest[num_len..];
+        // `5 s` and `1h 30m` read naturally; spaces around a unit are allowed.
+        rest = rest[num_len..].trim_start();
         let unit_len = rest
             .find(|c: char| !c.is_ascii_alphabetic())
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
+        rest = rest[unit_len..].trim_start();
         let secs = match unit {
             "ms" => number / 1000.0,
             "s" => number,
             "m" | "min" => number * 60.0,
             "h" => number * 3600.0,
             "" => return Err(format!("`{t}` has no unit; {help}")),
+            "d" | "day" | "days" => {
+                return Err(format!(
+                    "`{t}`: days are not a unit here; write hours instead (`24h`)"
+                ));
+            }
             other => return Err(format!("`{other}` is not a unit of time in `{t}`; {help}")),
         };
-        total += Duration::from_secs_f64(secs);
+        // Checked: `from_secs_f64` panics on overflow or NaN, and a plan is untrusted input.
+        let part = Duration::try_from_secs_f64(secs).map_err(|_| too_long(t))?;
+        total = total.checked_add(part).ok_or_else(|| too_long(t))?;
     }
     if total > Duration::from_secs(7 * 24 * 3600) {
-        return Err(format!(
-            "`{t}` is longer than a week; that is surely a mistake"
-        ));
+        return Err(too_long(t));
     }
     Ok(total)
+}
+
+fn too_long(t: &str) -> String {
+    format!("`{t}` is longer than a week, which is surely a mistake; durations go up to `168h`")
 }
 
 /// Formats a duration the way a plan writes it (`500ms`, `2s`, `10m`, `1m30s`).
@@ -54,13 +64,13 @@ pub fn format(d: Duration) -> String {
     if ms == 0 {
         return "0".into();
     }
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = ms / 1000;
-    if s % 3600 == 0 {
+    if s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
-    } else if s % 60 == 0 {
+    } else if s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else if s > 60 {
         format!("{}m{}s", s / 60, s % 60)
@@ -86,11 +96,32 @@ mod tests {
         assert_eq!(parse("10m").unwrap(), Duration::from_secs(600));
         assert_eq!(parse("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse("5 s").unwrap(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_spaced_unknown_unit_is_named_as_the_unit() {
+        let e = parse("5 parsecs").unwrap_err();
+        assert!(e.starts_with("`parsecs` is not a unit of time"), "{e}");
     }
 
     #[test]
     fn rejects_the_rest() {
-        for bad in ["", "5", "ms", "5 parsecs", "-1s", "1d", "1x", "9999h"] {
+        for bad in [
+            "",
+            "5",
+            "ms",
+            "5 parsecs",
+            "-1s",
+            "1d",
+            "1x",
+            "9999h",
+            // Regression: these panicked in `Duration::from_secs_f64` (found by the bad-plan corpus probes).
+            "99999999999999999999h",
+            "1e400s",
+            "1.7976931348623157e308s",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

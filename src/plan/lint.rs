@@ -66,8 +66,13 @@ pub fn lint(plan: &Plan) -> Vec<Diagnostic> {
     for step in &plan.steps {
         let mut found = Vec::new();
         if let StepKind::Sql(body) = &step.kind {
-            found.extend(squawk(body, None));
-            found.extend(scan_under_exclusive_lock(body));
+            let scans = scan_under_exclusive_lock(body);
+            // squawk's `constraint-missing-not-valid` reports the same mistake as our
+            // rule when NOT VALID and VALIDATE share a transaction; one finding is enough.
+            found.extend(squawk(body, None).into_iter().filter(|f| {
+                !(f.rule == "constraint-missing-not-valid" && scans.iter().any(|s| s.pos == f.pos))
+            }));
+            found.extend(scans);
         }
         if let Some(Rollback::Sql(body)) = &step.rollback {
             let created = match &step.kind {
@@ -95,6 +100,7 @@ pub fn lint(plan: &Plan) -> Vec<Diagnostic> {
                 used.insert(f.rule);
                 d.severity = Severity::Warning;
                 d.message = format!("{} (allowed: {reason})", d.message);
+                d.help = None;
             }
             out.push(d);
         }
@@ -139,33 +145,54 @@ fn squawk(body: &SqlBody, rollback_created: Option<&HashSet<String>>) -> Vec<Fin
     let mut out = Vec::new();
     for v in linter.lint(&file, &body.text) {
         let offset = usize::from(v.text_range.start());
-        if let Some(created) = rollback_created {
-            if is_drop_rule(v.code) {
-                if let Some(stmt) = stmts
-                    .iter()
-                    .find(|n| n.text_range().contains_inclusive(v.text_range.start()))
-                {
-                    let dropped = dropped_names(stmt);
-                    if !dropped.is_empty() && dropped.iter().all(|d| created.contains(d)) {
-                        continue;
-                    }
-                }
+        if let Some(created) = rollback_created
+            && is_drop_rule(v.code)
+            && let Some(stmt) = stmts
+                .iter()
+                .find(|n| n.text_range().contains_inclusive(v.text_range.start()))
+        {
+            let dropped = dropped_names(stmt);
+            if !dropped.is_empty() && dropped.iter().all(|d| created.contains(d)) {
+                continue;
             }
         }
         let pos = statement_at(body, offset)
             .map(|s| s.pos)
             .unwrap_or_default();
+        let help = match v.help {
+            Some(h) => format!(
+                "{}; or, if it is safe here, acknowledge it with `allow: {{ {}: \"why\" }}` (https://squawkhq.com/docs/{})",
+                sentence_fragment(&h),
+                v.code,
+                v.code
+            ),
+            None => format!(
+                "if it is safe here, acknowledge it with `allow: {{ {}: \"why\" }}` (https://squawkhq.com/docs/{})",
+                v.code, v.code
+            ),
+        };
         out.push(Finding {
             pos,
             rule: v.code.to_string(),
-            message: v.message,
-            help: Some(
-                v.help
-                    .unwrap_or_else(|| format!("see https://squawkhq.com/docs/{}", v.code)),
-            ),
+            message: sentence_fragment(&v.message),
+            help: Some(help),
         });
     }
     out
+}
+
+/// squawk writes sentences ("Dropping a column may break existing clients."); our
+/// messages are lower-case fragments without a final period, like every other one.
+fn sentence_fragment(text: &str) -> String {
+    let t = text.trim().trim_end_matches('.');
+    let mut chars = t.chars();
+    match (chars.next(), chars.next()) {
+        // Keep acronyms and SQL keywords (`NOT VALID`, `ADD COLUMN`) as written.
+        (Some(first), Some(second)) if first.is_uppercase() && !second.is_uppercase() => {
+            first.to_lowercase().collect::<String>() + &t[first.len_utf8()..]
+        }
+        _ => t.to_string(),
+    }
 }
 
 fn is_drop_rule(rule: Rule) -> bool {

@@ -66,14 +66,28 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// Structural limits for a plan file. A real plan is a few hundred nodes a few
+/// levels deep; these bounds are far above that and far below what would take
+/// noticeable time or memory, so an alias bomb or a file of 10,000 nested `[`
+/// fails in milliseconds with a message instead of exhausting the machine.
+pub const MAX_DEPTH: usize = 32;
+pub const MAX_NODES: usize = 100_000;
+pub const MAX_ALIASES: usize = 1_000;
+
 /// Parses one YAML document into a positioned tree.
 ///
-/// Duplicate keys are errors; alias expansion and nesting depth are bounded by
-/// the parser's budget, so an alias bomb fails fast instead of eating memory.
+/// Duplicate keys are errors; alias expansion and nesting depth are bounded
+/// (see [`MAX_DEPTH`], [`MAX_NODES`], [`MAX_ALIASES`]).
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let options = serde_saphyr::options! {
         duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
         with_snippet: false,
+        budget: serde_saphyr::budget! {
+            max_depth: MAX_DEPTH,
+            flow_nesting_limit: MAX_DEPTH,
+            max_nodes: MAX_NODES,
+            max_aliases: MAX_ALIASES,
+        },
     };
     match serde_saphyr::from_str_with_options::<Spanned<Tree>>(text, options) {
         Ok(s) => Ok(into_node(s)),
@@ -85,21 +99,56 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
                     col: l.column() as u32,
                 })
                 .unwrap_or(Pos { line: 1, col: 1 });
-            Err(SyntaxError {
-                pos,
-                message: clean_message(&e.to_string()),
-            })
+            let message = match &e {
+                serde_saphyr::Error::Budget { breach, .. } => describe_breach(breach),
+                _ => clean_message(&e.to_string()),
+            };
+            Err(SyntaxError { pos, message })
         }
     }
 }
 
-/// The parser's message without its own location suffix (we print ours).
+const DEPTH_MESSAGE: &str =
+    "the document is nested more than {MAX_DEPTH} levels deep; a plan needs fewer than 10";
+const NODES_MESSAGE: &str = "the document has more than {MAX_NODES} values once aliases are expanded (an alias bomb?); a plan needs far fewer";
+const ALIASES_MESSAGE: &str = "the document uses more than {MAX_ALIASES} aliases (`*name`); write the plan out in full instead";
+
+/// A budget breach in words a plan author can act on.
+fn describe_breach(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    match breach {
+        B::Depth { .. } => DEPTH_MESSAGE.replace("{MAX_DEPTH}", &MAX_DEPTH.to_string()),
+        B::Nodes { .. } => NODES_MESSAGE.replace("{MAX_NODES}", &MAX_NODES.to_string()),
+        B::Aliases { .. } | B::AliasAnchorRatio { .. } => {
+            ALIASES_MESSAGE.replace("{MAX_ALIASES}", &MAX_ALIASES.to_string())
+        }
+        other => format!("the document exceeds a size limit for plan files ({other:?})"),
+    }
+}
+
+/// The parser's message without its own location suffix (we print ours), and
+/// without advice about the parser's options, which a plan author cannot change.
 fn clean_message(msg: &str) -> String {
     let first = msg.lines().next().unwrap_or(msg).trim();
-    match first.find(" at line ") {
-        Some(i) => first[..i].to_string(),
-        None => first.to_string(),
+    let first = match first.find(" at line ") {
+        Some(i) => &first[..i],
+        None => first,
+    };
+    if let Some(rest) = first.strip_prefix("duplicate mapping key: ") {
+        let key = rest.split(", set ").next().unwrap_or(rest).trim();
+        return format!("key `{key}` appears twice in the same map");
     }
+    if first.contains("recursion limit exceeded") || first.contains("budget breached: Depth") {
+        return DEPTH_MESSAGE.replace("{MAX_DEPTH}", &MAX_DEPTH.to_string());
+    }
+    // Some breaches reach us as text (wrapped by the deserializer), not as `Error::Budget`.
+    if first.contains("budget breached: Nodes") {
+        return NODES_MESSAGE.replace("{MAX_NODES}", &MAX_NODES.to_string());
+    }
+    if first.contains("budget breached: Alias") {
+        return ALIASES_MESSAGE.replace("{MAX_ALIASES}", &MAX_ALIASES.to_string());
+    }
+    first.to_string()
 }
 
 fn into_node(s: Spanned<Tree>) -> Node {

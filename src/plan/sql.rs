@@ -39,7 +39,7 @@ pub fn split(text: &str) -> Result<Vec<Statement>, Vec<ParseError>> {
             .iter()
             .map(|e| ParseError {
                 offset: usize::from(e.range().start()),
-                message: e.message().to_string(),
+                message: humanize(e.message()),
             })
             .collect());
     }
@@ -71,19 +71,75 @@ pub fn check_single_query(query: &str) -> Result<(), String> {
     check_query(query, 0)
 }
 
+/// Checks that `query` parses as exactly one statement; on error, the byte offset
+/// inside `query` where it goes wrong, so the caller can point at the file column.
+pub fn check_single_query_at(query: &str) -> Result<(), ParseError> {
+    check_query_at(query, 0)
+}
+
+/// Like [`check_expression`], with the byte offset inside `expr` of the error.
+pub fn check_expression_at(expr: &str) -> Result<(), ParseError> {
+    check_query_at(&format!("SELECT {expr}"), 7)
+}
+
 fn check_query(text: &str, prefix: usize) -> Result<(), String> {
+    check_query_at(text, prefix)
+        .map_err(|e| format!("{} (at character {})", e.message, e.offset + 1))
+}
+
+fn check_query_at(text: &str, prefix: usize) -> Result<(), ParseError> {
     let parse = SourceFile::parse(text);
     if let Some(e) = parse.errors().first() {
         let at = usize::from(e.range().start()).saturating_sub(prefix);
-        return Err(format!("{} (at character {})", e.message(), at + 1));
+        return Err(ParseError {
+            offset: at,
+            message: humanize(e.message()),
+        });
     }
     let n = parse.tree().stmts().count();
     if n != 1 {
-        return Err(format!(
-            "expected exactly one SQL statement or expression, found {n}"
-        ));
+        return Err(ParseError {
+            offset: 0,
+            message: format!("expected exactly one SQL statement or expression, found {n}"),
+        });
     }
     Ok(())
+}
+
+/// The parser's message with its token names turned into what a person typed:
+/// `expected R_PAREN` becomes ``expected `)` ``, `found ALTER_KW` becomes ``found `ALTER` ``.
+pub fn humanize(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|word| {
+            let (core, tail) = match word.strip_suffix(',') {
+                Some(c) => (c, ","),
+                None => (word, ""),
+            };
+            let human = match core {
+                "R_PAREN" => "`)`".to_string(),
+                "L_PAREN" => "`(`".to_string(),
+                "R_BRACK" => "`]`".to_string(),
+                "L_BRACK" => "`[`".to_string(),
+                "SEMICOLON" => "`;`".to_string(),
+                "COMMA" => "`,`".to_string(),
+                "DOT" => "`.`".to_string(),
+                "EQ" => "`=`".to_string(),
+                "STAR" => "`*`".to_string(),
+                "IDENT" => "a name".to_string(),
+                "EOF" => "the end of the text".to_string(),
+                "command" => "a statement".to_string(),
+                k if k.ends_with("_KW")
+                    && k.chars().all(|c| c.is_ascii_uppercase() || c == '_') =>
+                {
+                    format!("`{}`", &k[..k.len() - 3])
+                }
+                other => other.to_string(),
+            };
+            format!("{human}{tail}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn is_transaction_control(kind: SyntaxKind) -> bool {
@@ -174,7 +230,7 @@ mod tests {
             "CREATE DATABASE x",
             "ALTER SYSTEM SET work_mem = '64MB'",
         ] {
-            assert_eq!(classify(sql)[0].1, true, "{sql}");
+            assert!(classify(sql)[0].1, "{sql}");
         }
     }
 
@@ -189,7 +245,7 @@ mod tests {
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 /* CONCURRENTLY */ $$",
             "COMMENT ON TABLE t IS 'create index concurrently'",
         ] {
-            assert_eq!(classify(sql)[0].1, false, "{sql}");
+            assert!(!classify(sql)[0].1, "{sql}");
         }
     }
 
@@ -211,6 +267,15 @@ mod tests {
     fn syntax_errors_carry_an_offset() {
         let e = split("SELECT 1;\nALTER TABEL t ADD c int;").unwrap_err();
         assert!(e[0].offset >= 10, "{e:?}");
+    }
+
+    #[test]
+    fn parser_token_names_become_what_was_typed() {
+        assert_eq!(
+            humanize("expected command, found ALTER_KW"),
+            "expected a statement, found `ALTER`"
+        );
+        assert_eq!(humanize("expected R_PAREN"), "expected `)`");
     }
 
     #[test]

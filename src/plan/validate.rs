@@ -229,8 +229,13 @@ impl Validator {
             self.error(
                 node.pos,
                 "range",
-                format!("{what} is {n}; it must be between {min} and {max}"),
-                None,
+                format!(
+                    "{what} is {}; it must be between {} and {}",
+                    thousands(n),
+                    thousands(min),
+                    thousands(max)
+                ),
+                range_help(what),
             );
             return None;
         }
@@ -243,14 +248,27 @@ impl Validator {
         let statements = match sql::split(&text) {
             Ok(s) => s,
             Err(errors) => {
-                for e in errors.iter().take(3) {
+                // One error per bad statement: the parser reports every token it
+                // could not place after the first, which only buries the real one.
+                let mut resume_at = 0;
+                let mut reported = 0;
+                for e in &errors {
+                    if e.offset < resume_at || reported == 3 {
+                        continue;
+                    }
+                    resume_at = text[e.offset..]
+                        .find(';')
+                        .map(|i| e.offset + i + 1)
+                        .unwrap_or(text.len() + 1);
+                    reported += 1;
                     let pos = pos_in_scalar(node, &text, e.offset);
+                    let near = first_words(&text[e.offset.min(text.len())..]);
                     self.error(
                         pos,
                         "sql-syntax",
-                        format!("{what} does not parse: {}", e.message),
+                        format!("{what} does not parse at `{near}`: {}", e.message),
                         Some(
-                            "check the statement at this line; statements are separated by `;`"
+                            "fix the statement at this line (PostgreSQL syntax); separate statements with `;`"
                                 .into(),
                         ),
                     );
@@ -296,12 +314,12 @@ impl Validator {
                     s.pos,
                     "non-transactional-mixed",
                     format!(
-                        "{} ({}), so it must be the only statement of its step; this one has {}",
+                        "`{}…`: {}, so it must be the only statement of its step; this step has {} statements",
                         first_words(&s.text),
                         s.non_transactional.unwrap_or_default(),
                         statements.len()
                     ),
-                    Some("move this statement into a step of its own".into()),
+                    Some("move this statement into a step of its own; the other statements keep their transaction".into()),
                 );
             }
             ok = false;
@@ -322,12 +340,12 @@ impl Validator {
 
     fn expression(&mut self, node: &Node, what: &str) -> Option<String> {
         let text = self.string(node, what)?;
-        if let Err(e) = sql::check_expression(&text) {
+        if let Err(e) = sql::check_expression_at(&text) {
             self.error(
-                node.pos,
+                pos_in_value(node, &text, e.offset),
                 "sql-syntax",
-                format!("{what} `{text}` is not a valid SQL expression: {e}"),
-                None,
+                format!("{what} `{text}` is not a valid SQL expression: {}", e.message),
+                Some("write one PostgreSQL expression, such as `lower(email)` or `email_hash IS NULL`".into()),
             );
             return None;
         }
@@ -336,12 +354,17 @@ impl Validator {
 
     fn query(&mut self, node: &Node, what: &str) -> Option<String> {
         let text = self.string(node, what)?;
-        if let Err(e) = sql::check_single_query(&text) {
+        if let Err(e) = sql::check_single_query_at(&text) {
+            let near = first_words(&text[e.offset.min(text.len())..]);
             self.error(
-                node.pos,
+                pos_in_value(node, &text, e.offset),
                 "sql-syntax",
-                format!("{what} does not parse: {e}"),
-                None,
+                if near.is_empty() {
+                    format!("{what} does not parse: {}", e.message)
+                } else {
+                    format!("{what} does not parse at `{near}`: {}", e.message)
+                },
+                Some("write one PostgreSQL query, such as `SELECT count(*) = 0 FROM leads WHERE email_hash IS NULL`".into()),
             );
             return None;
         }
@@ -509,7 +532,13 @@ impl Validator {
         let root = match raw::parse(text) {
             Ok(n) => n,
             Err(e) => {
-                self.error(e.pos, "yaml", format!("not valid YAML: {}", e.message), Some("a plan is one YAML document: a map with `id`, `description`, `settings`, `phases`".into()));
+                let help = yaml_help(&e.message);
+                self.error(
+                    e.pos,
+                    "yaml",
+                    format!("not valid YAML: {}", e.message),
+                    Some(help),
+                );
                 return None;
             }
         };
@@ -617,7 +646,7 @@ impl Validator {
                 }
             }
         }
-        if !saw_phases {
+        if !saw_phases && matches!(root.value, Value::Map(_)) {
             self.error(
                 root.pos,
                 "missing",
@@ -701,10 +730,10 @@ impl Validator {
         // Find the name first so that every error below names the step.
         if let Value::Map(entries) = &node.value {
             for (k, v) in entries {
-                if matches!(&k.value, Value::Str(s) if s == "name") {
-                    if let Value::Str(n) = &v.value {
-                        self.step = Some(n.clone());
-                    }
+                if matches!(&k.value, Value::Str(s) if s == "name")
+                    && let Value::Str(n) = &v.value
+                {
+                    self.step = Some(n.clone());
                 }
             }
         }
@@ -726,7 +755,13 @@ impl Validator {
                 "name" => {
                     if let Some(n) = self.string(val, "step name") {
                         if !is_step_name(&n) {
-                            self.error(val.pos, "name", format!("step name `{n}` is not snake_case"), Some("a step name has 1–63 characters: lower-case letters, digits and `_`, starting with a letter (e.g. `add_email_hash`)".into()));
+                            let example = snake_case(&n);
+                            let example = if is_step_name(&example) {
+                                example
+                            } else {
+                                "add_email_hash".into()
+                            };
+                            self.error(val.pos, "name", format!("step name `{n}` is not snake_case"), Some(format!("a step name has 1–63 characters: lower-case letters, digits and `_`, starting with a letter (e.g. `{example}`)")));
                         }
                         name = Some(n);
                     }
@@ -742,7 +777,7 @@ impl Validator {
                         .unwrap_or("sql");
                     kinds.push((kk, k, val));
                 }
-                "rollback" => rollback_node = Some(*val),
+                "rollback" => rollback_node = Some((k.pos, *val)),
                 "lock_timeout" => {
                     if let Some(d) = self.duration(val, "lock_timeout") {
                         if d.is_zero() {
@@ -804,20 +839,20 @@ impl Validator {
         };
         let rollback = match (rollback_node, &kind) {
             (None, _) => None,
-            (Some(r), Some(StepKind::Check(_) | StepKind::Gate(_))) => {
+            (Some((at, _)), Some(StepKind::Check(_) | StepKind::Gate(_))) => {
                 self.error(
-                    r.pos,
+                    at,
                     "rollback",
                     "a check or gate step changes nothing, so it has no rollback",
                     Some("remove `rollback` from this step".into()),
                 );
                 None
             }
-            (Some(r), Some(StepKind::Trigger(_) | StepKind::DropTrigger(_))) => {
-                self.error(r.pos, "rollback", "trigger steps get a generated rollback", Some("remove `rollback`: pgshift drops (or re-creates) the trigger and function itself".into()));
+            (Some((at, _)), Some(StepKind::Trigger(_) | StepKind::DropTrigger(_))) => {
+                self.error(at, "rollback", "trigger steps get a generated rollback", Some("remove `rollback`: pgshift drops (or re-creates) the trigger and function itself".into()));
                 None
             }
-            (Some(r), _) => self.rollback(r),
+            (Some((_, r)), _) => self.rollback(r),
         };
         if self.error_count() > errors_before {
             return None;
@@ -1039,6 +1074,7 @@ impl Validator {
         let mut when = None;
         let mut ok = true;
         let mut saw_set = false;
+        let errors_before = self.error_count();
         for (key, _, val) in self.entries(node, "trigger", &["table", "set", "reverse", "when"]) {
             match key.as_str() {
                 "table" => table = self.table(val, "trigger table"),
@@ -1054,13 +1090,14 @@ impl Validator {
                 _ => {}
             }
         }
-        if table.is_none()
-            && matches!(node.value, Value::Map(_))
-            && !self
-                .diags
-                .iter()
-                .any(|d| d.rule == "identifier" || d.rule == "empty")
-        {
+        // Only when `table` is absent, not when it was present and already reported
+        // (and only this step's errors count: an earlier step's must not hide this one).
+        let table_reported = self.diags[..]
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .skip(errors_before)
+            .any(|d| d.rule == "identifier" || d.rule == "empty");
+        if table.is_none() && matches!(node.value, Value::Map(_)) && !table_reported {
             self.error(
                 node.pos,
                 "missing",
@@ -1145,17 +1182,16 @@ impl Validator {
                     set = match &val.value {
                         Value::Str(_) => {
                             let clause = self.string(val, "backfill `set`");
-                            if let Some(c) = &clause {
-                                if let Err(e) =
+                            if let Some(c) = &clause
+                                && let Err(e) =
                                     sql::check_single_query(&format!("UPDATE t SET {c}"))
-                                {
-                                    self.error(
-                                        val.pos,
-                                        "sql-syntax",
-                                        format!("backfill `set` clause does not parse: {e}"),
-                                        None,
-                                    );
-                                }
+                            {
+                                self.error(
+                                    val.pos,
+                                    "sql-syntax",
+                                    format!("backfill `set` clause does not parse: {e}"),
+                                    None,
+                                );
                             }
                             clause.map(BackfillSet::Clause)
                         }
@@ -1348,6 +1384,20 @@ impl Validator {
     }
 }
 
+/// Like [`pos_in_scalar`] for values that may be quoted or folded: exact for
+/// plain one-line values and literal blocks, the value's start otherwise.
+fn pos_in_value(node: &Node, text: &str, offset: usize) -> Pos {
+    if text.contains('\n') || offset == 0 {
+        // A folded or multi-line flow scalar does not map line for line onto the file.
+        return if text.trim_end().contains('\n') {
+            pos_in_scalar(node, text, offset)
+        } else {
+            node.pos
+        };
+    }
+    pos_in_scalar(node, text, offset)
+}
+
 /// The position of byte `offset` of a scalar's text in the file.
 fn pos_in_scalar(node: &Node, text: &str, offset: usize) -> Pos {
     let offset = offset.min(text.len());
@@ -1363,6 +1413,48 @@ fn pos_in_scalar(node: &Node, text: &str, offset: usize) -> Pos {
     }
 }
 
+/// What to do about a YAML error, by what the parser said.
+fn yaml_help(message: &str) -> String {
+    if message.contains("appears twice") {
+        "remove one of the two: YAML keeps a single value per key, and pgshift will not guess which one you meant".into()
+    } else if message.contains("nested") || message.contains("alias") {
+        "a plan is shallow: `phases:` → phase → list of steps → the step's keys; write it out without deep nesting or aliases".into()
+    } else if message.contains("tab") {
+        "indent with spaces: YAML does not allow tabs for indentation".into()
+    } else {
+        "check the indentation and quoting at this line; a plan is one YAML document, a map with `id`, `description`, `settings`, `hooks` and `phases`".into()
+    }
+}
+
+/// Advice for a number outside its range, naming the default where there is one.
+fn range_help(what: &str) -> Option<String> {
+    match what {
+        "batch_size" => Some(format!(
+            "the default is {}; batches of a few thousand rows keep each lock short",
+            thousands(defaults::BATCH_SIZE as i64)
+        )),
+        "workers" => Some(format!(
+            "the default is {} worker; more workers split the key range in parallel",
+            defaults::WORKERS
+        )),
+        "retries" => Some(format!("the default is {}", defaults::RETRIES)),
+        _ => None,
+    }
+}
+
+/// `2000000` as `2,000,000`.
+fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
 fn first_words(sql: &str) -> String {
     let words: Vec<&str> = sql.split_whitespace().take(4).collect();
     words.join(" ")
@@ -1373,6 +1465,19 @@ fn key_text(node: &Node) -> String {
         Value::Str(s) => s.clone(),
         other => other.describe().to_string(),
     }
+}
+
+/// `Add-Email Hash` as `add_email_hash`, to suggest a valid step name.
+fn snake_case(n: &str) -> String {
+    let mut out = String::new();
+    for c in n.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    out.trim_matches('_').chars().take(63).collect()
 }
 
 fn is_step_name(n: &str) -> bool {
