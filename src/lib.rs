@@ -6,6 +6,7 @@
 //! exactly where it stopped.
 
 pub mod cli;
+pub mod exec;
 pub mod exit;
 pub mod ident;
 pub mod plan;
