@@ -2,3 +2,4 @@
 
 mod harness;
 mod plan;
+mod trigger;
