@@ -300,7 +300,7 @@ async fn when_limits_the_rows_maintained() {
     );
     let spec = trigger(&p, "sync");
     run(&db, &statements(&p.id, "sync", spec)).await;
-    assert!(statements(&p.id, "sync", spec)[2].contains("UPDATE OF \"email\", \"kind\""));
+    assert!(statements(&p.id, "sync", spec)[3].contains("UPDATE OF \"email\", \"kind\""));
 
     db.exec(
         "INSERT INTO leads (id, kind, email) VALUES (1, 'person', 'A'), (2, 'org', 'B'), (3, NULL, 'C')",
@@ -345,9 +345,9 @@ async fn hostile_names_are_quoted_and_inject_nothing() {
     let spec = trigger(&p, &step);
     let stmts = statements(&p.id, &step, spec);
     assert!(
-        stmts[2].contains(r#"UPDATE OF "Email Address", "MixedCase" ON"#),
+        stmts[3].contains(r#"UPDATE OF "Email Address", "MixedCase" ON"#),
         "{}",
-        stmts[2]
+        stmts[3]
     );
     run(&db, &stmts).await;
     run(&db, &stmts).await;
@@ -513,4 +513,25 @@ async fn product_example_trigger_runs_as_shown() {
             "missing from plan show:\n{st}\n---\n{out}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_misspelled_column_fails_the_step_not_the_application() {
+    let db = TestDb::create("trg_probe").await;
+    db.exec(LEADS).await;
+    let p = trigger_plan(
+        "p",
+        "        table: leads\n        set: { email_hash: \"md5(NEW.emial)\" }",
+    );
+    let stmts = statements(&p.id, "sync", trigger(&p, "sync"));
+    let script = format!("BEGIN;\n{};\nCOMMIT;", stmts.join(";\n"));
+    let err = db.client.batch_execute(&script).await.unwrap_err();
+    assert!(
+        err.to_string().contains("emial") || format!("{err:?}").contains("emial"),
+        "{err:?}"
+    );
+    db.exec("ROLLBACK").await;
+    assert_eq!(count_generated(&db).await, (0, 0));
+    db.exec("INSERT INTO leads (id, email) VALUES (1, 'a')")
+        .await;
 }
