@@ -78,6 +78,12 @@
 //! (as the table is found through it); the rollback drops it through the same
 //! `search_path`, so the runner must use the same one for both.
 //!
+//! # Failing early
+//!
+//! PL/pgSQL resolves names only when the body first runs, so [`statements`]
+//! starts with a probe, `SELECT <every expression> FROM <table> AS "new" WHERE
+//! false`: a misspelled column fails the step, not every application write.
+//!
 //! Every identifier goes through `crate::ident`; the plan's own expressions are
 //! the only text spliced in verbatim, inside a dollar-quoted body whose tag is
 //! checked not to occur anywhere in that body.
@@ -87,7 +93,7 @@ use std::collections::BTreeSet;
 use sha2::{Digest, Sha256};
 use squawk_syntax::{SourceFile, SyntaxKind};
 
-use crate::ident::{Ident, MAX_IDENT_BYTES, QualifiedName, quote_ident, quote_literal};
+use crate::ident::{Ident, MAX_IDENT_BYTES, QualifiedName, quote_ident};
 use crate::plan::TriggerSpec;
 
 /// The prefix of every object pgshift generates.
@@ -141,7 +147,7 @@ pub fn names(plan_id: &str, step: &str) -> Names {
 
 /// The statements that create (or re-create) the trigger: safe to run again.
 ///
-/// A probe that evaluates the expressions against the table (see [`probe`]),
+/// A probe that evaluates the expressions against the table (see the module docs),
 /// then `CREATE OR REPLACE FUNCTION`, then `DROP TRIGGER IF EXISTS` and `CREATE
 /// TRIGGER` (PostgreSQL 13 has no `CREATE OR REPLACE TRIGGER`). They belong in
 /// one transaction, so no write ever sees the table without its trigger.
@@ -412,11 +418,6 @@ fn dollar_tag(body: &str) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The trigger's name as an SQL string literal (for catalog queries).
-pub fn trigger_name_literal(plan_id: &str, step: &str) -> String {
-    quote_literal(names(plan_id, step).trigger.as_str())
 }
 
 #[cfg(test)]
