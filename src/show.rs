@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 
+use crate::exec::trigger;
 use crate::plan::{self, BackfillSet, Plan, Rollback, Severity, StepKind};
 
 /// Renders `plan` for a person: every step, its transaction mode, SQL and rollback.
@@ -82,8 +83,26 @@ pub fn render(plan: &Plan) -> String {
             (Some(Rollback::Run(c)), _) => {
                 let _ = writeln!(out, "     rollback: run `{}`", c.command);
             }
-            (None, StepKind::Trigger(_) | StepKind::DropTrigger(_)) => {
-                let _ = writeln!(out, "     rollback: generated (see `rollback_sql` above)");
+            (None, StepKind::Trigger(t)) => {
+                let _ = writeln!(
+                    out,
+                    "     rollback (generated: drops the trigger and function):"
+                );
+                let sql = sql_lines(&trigger::rollback_statements(&plan.id, &step.name, t));
+                for line in sql.lines() {
+                    let _ = writeln!(out, "     | {line}");
+                }
+            }
+            (None, StepKind::DropTrigger(d)) => {
+                let _ = writeln!(
+                    out,
+                    "     rollback (generated: re-creates the trigger of step `{}`):",
+                    d.step
+                );
+                let sql = sql_lines(&trigger::statements(&plan.id, &d.step, &d.trigger));
+                for line in sql.lines() {
+                    let _ = writeln!(out, "     | {line}");
+                }
             }
             (None, StepKind::Check(_) | StepKind::Gate(_)) => {}
             (None, StepKind::Backfill(_)) => {
@@ -126,6 +145,15 @@ pub fn render(plan: &Plan) -> String {
     out
 }
 
+/// Generated statements as a script: each ends with `;`.
+fn sql_lines(statements: &[String]) -> String {
+    statements
+        .iter()
+        .map(|s| format!("{s};"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The SQL (or command, or message) a step runs, as text.
 pub fn describe(plan: &Plan, step: &plan::Step) -> String {
     let _ = plan;
@@ -151,20 +179,10 @@ pub fn describe(plan: &Plan, step: &plan::Step) -> String {
             c.command,
             plan::duration::format(c.timeout)
         ),
-        StepKind::Trigger(t) => {
-            let mut s = format!("dual-write trigger on {}\n", t.table);
-            for (c, e) in &t.set {
-                let _ = writeln!(s, "  set {c} = {e}");
-            }
-            for (c, e) in &t.reverse {
-                let _ = writeln!(s, "  reverse {c} = {e}");
-            }
-            s
+        StepKind::Trigger(t) => sql_lines(&trigger::statements(&plan.id, &step.name, t)),
+        StepKind::DropTrigger(d) => {
+            sql_lines(&trigger::rollback_statements(&plan.id, &d.step, &d.trigger))
         }
-        StepKind::DropTrigger(d) => format!(
-            "drop the trigger and function of step `{}` on {}",
-            d.step, d.trigger.table
-        ),
         StepKind::Backfill(b) => {
             let mut s = format!(
                 "backfill {} in batches of {} ({} worker(s))\n",

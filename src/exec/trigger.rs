@@ -1,0 +1,674 @@
+//! The SQL of the `trigger` and `drop_trigger` step kinds: a generated PL/pgSQL
+//! dual-write trigger that keeps the new columns (and, with `reverse`, the old
+//! ones) in step while old and new application versions both write.
+//!
+//! Everything here is pure: it turns a validated [`TriggerSpec`] into SQL text
+//! and touches no database, so `plan show` prints exactly what `apply` runs.
+//! The runner executes [`statements`] (or [`rollback_statements`]) in one
+//! transaction under the step's lock timeout. A `drop_trigger` step runs the
+//! `rollback_statements` of the trigger step it names, and its own rollback is
+//! that step's `statements`.
+//!
+//! # What the trigger does
+//!
+//! It is a `BEFORE INSERT OR UPDATE … FOR EACH ROW` trigger that only assigns
+//! to `NEW`. "The new side" is the `set` columns; "the old side" is the
+//! `reverse` columns (the columns the application used to write).
+//!
+//! - **INSERT**: each `set` column the writer left NULL is computed from its
+//!   expression; then each `reverse` column left NULL is computed from its
+//!   expression. An old application that only writes `email` gets
+//!   `contact_email` filled in, a new one that only writes `contact_email` gets
+//!   `email` filled in, and a writer that wrote both keeps both.
+//! - **UPDATE, `set` only**: each `set` column the writer did not change
+//!   (`NEW.c IS NOT DISTINCT FROM OLD.c`) is recomputed; a column the writer
+//!   did change keeps the written value.
+//! - **UPDATE, with `reverse`**: the decision is per side. If the writer did
+//!   not change any `set` column, the new side is recomputed from the old one
+//!   (this also covers "neither side changed": recomputing the new side is
+//!   what the backfill does anyway). If the writer changed the new side but no
+//!   `reverse` column, the old side is recomputed from the new one. If it
+//!   changed both, what it wrote is kept.
+//!
+//! "Changed" means "differs from the row before the update": it is decided
+//! from the values, not from the UPDATE's target list, which a row trigger
+//! cannot see. So a writer that assigns the current value again to a column
+//! counts as not having written it. We decide by the *target* columns of each
+//! side rather than by the columns the expressions read: that needs no parsing,
+//! and for the renames and type changes `reverse` is meant for, the columns
+//! `set` reads are exactly the `reverse` targets.
+//!
+//! - **`when`**: rows for which the condition is not true (false or NULL) are
+//!   left exactly as written.
+//! - **No recursion**: a BEFORE ROW trigger that only modifies `NEW` issues no
+//!   statement of its own, so nothing fires it again.
+//! - **Backfill**: a batch `UPDATE t SET new = <the set expression over the
+//!   row>` writes the new side itself. With `set` only, the trigger does not
+//!   even fire for it (see below), so the written value stays. With `reverse`,
+//!   the trigger fires (the new side is also read, by `reverse`) and sees the
+//!   new side changed and the old side not, so it recomputes the old side from
+//!   the value just written: for a rename or a lossless type change that is
+//!   the value it already had.
+//!
+//! # Which updates fire it
+//!
+//! The trigger fires `UPDATE OF` only the columns its expressions read
+//! (`NEW.x` in `set`, `reverse` and `when`): an UPDATE that assigns none of them
+//! cannot change what the trigger computes, and a backfill that writes only the
+//! new columns then pays nothing for the trigger (PRODUCT.md measured 9 % for a
+//! lean trigger). The references are collected from squawk's tokens of
+//! `SELECT <expression>`. When they cannot be collected with certainty (the
+//! row used as a whole, as in `to_jsonb(NEW)` or `(NEW).x`, an expression that
+//! reads no column, a parse error) the trigger fires on every UPDATE instead:
+//! firing too often costs time, firing too rarely loses writes.
+//!
+//! # Names
+//!
+//! Trigger and function share one name: `pgshift_<plan id>_<step>_<hash>`,
+//! where the hash is 10 hex digits of SHA-256 over the plan id and step. The
+//! hash is always there, not only when the name is too long: without it
+//! plan `a_b` step `c` and plan `a` step `b_c` would share a function, and
+//! `CREATE OR REPLACE FUNCTION` would silently replace another plan's trigger
+//! body. A name longer than PostgreSQL's 63 bytes is cut (on a character
+//! boundary) before the hash, which keeps long names distinct.
+//!
+//! The function lives in the table's schema when the plan qualifies the table
+//! (`app.leads` → `"app"."pgshift_…"`). For an unqualified table it is created
+//! unqualified, so it lands in the first schema of the session's `search_path`
+//! (as the table is found through it); the rollback drops it through the same
+//! `search_path`, so the runner must use the same one for both.
+//!
+//! # Failing early
+//!
+//! PL/pgSQL resolves names only when the body first runs, so [`statements`]
+//! starts with a probe, `SELECT <every expression> FROM <table> AS "new" WHERE
+//! false`: a misspelled column fails the step, not every application write.
+//!
+//! Every identifier goes through `crate::ident`; the plan's own expressions are
+//! the only text spliced in verbatim, inside a dollar-quoted body whose tag is
+//! checked not to occur anywhere in that body.
+
+use std::collections::BTreeSet;
+
+use sha2::{Digest, Sha256};
+use squawk_syntax::{SourceFile, SyntaxKind};
+
+use crate::ident::{Ident, MAX_IDENT_BYTES, QualifiedName, quote_ident};
+use crate::plan::TriggerSpec;
+
+/// The prefix of every object pgshift generates.
+pub const PREFIX: &str = "pgshift_";
+
+/// Hex digits of the name hash.
+const NAME_HASH_HEX: usize = 10;
+
+/// The names of the function and trigger generated for one trigger step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// The trigger function, unqualified (see [`Names::function_in`]).
+    pub function: Ident,
+    /// The trigger, on the step's table.
+    pub trigger: Ident,
+}
+
+impl Names {
+    /// The function's name qualified like `table`: same schema, or none (search_path).
+    pub fn function_in(&self, table: &QualifiedName) -> QualifiedName {
+        QualifiedName {
+            schema: table.schema.clone(),
+            name: self.function.clone(),
+        }
+    }
+}
+
+/// Names of the generated objects for step `step` of plan `plan_id`.
+pub fn names(plan_id: &str, step: &str) -> Names {
+    let mut hasher = Sha256::new();
+    hasher.update(plan_id.as_bytes());
+    // A separator no id or step name contains, so ("a", "bc") and ("ab", "c") hash apart.
+    hasher.update([0u8]);
+    hasher.update(step.as_bytes());
+    let hash = hex(&hasher.finalize());
+    let mut base = format!("{PREFIX}{plan_id}_{step}");
+    let room = MAX_IDENT_BYTES - 1 - NAME_HASH_HEX;
+    if base.len() > room {
+        let mut cut = room;
+        while !base.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        base.truncate(cut);
+    }
+    let name = format!("{base}_{}", &hash[..NAME_HASH_HEX]);
+    Names {
+        function: Ident(name.clone()),
+        trigger: Ident(name),
+    }
+}
+
+/// The statements that create (or re-create) the trigger: safe to run again.
+///
+/// A probe that evaluates the expressions against the table (see the module docs),
+/// then `CREATE OR REPLACE FUNCTION`, then `DROP TRIGGER IF EXISTS` and `CREATE
+/// TRIGGER` (PostgreSQL 13 has no `CREATE OR REPLACE TRIGGER`). They belong in
+/// one transaction, so no write ever sees the table without its trigger.
+pub fn statements(plan_id: &str, step: &str, spec: &TriggerSpec) -> Vec<String> {
+    let n = names(plan_id, step);
+    let function = n.function_in(&spec.table).quoted();
+    let table = spec.table.quoted();
+    let trigger = n.trigger.quoted();
+    let body = body(plan_id, step, spec);
+    let tag = dollar_tag(&body);
+    let events = match update_columns(spec) {
+        Some(cols) => format!(
+            "INSERT OR UPDATE OF {}",
+            cols.iter()
+                .map(|c| c.quoted())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        // The columns read could not be determined with certainty (see the module docs).
+        None => "INSERT OR UPDATE".to_string(),
+    };
+    let mut out = Vec::new();
+    if let Some(probe) = probe(spec) {
+        out.push(probe);
+    }
+    out.extend([
+        format!(
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {tag}\n{body}{tag}"
+        ),
+        format!("DROP TRIGGER IF EXISTS {trigger} ON {table}"),
+        format!(
+            "CREATE TRIGGER {trigger} BEFORE {events} ON {table} FOR EACH ROW EXECUTE FUNCTION {function}()"
+        ),
+    ]);
+    out
+}
+
+/// A query that evaluates every expression against the table, reading no row.
+///
+/// PL/pgSQL resolves names only when a body first runs, so a misspelled column
+/// or function in `set` would otherwise pass `CREATE FUNCTION` and then fail
+/// every application write to the table. Aliasing the table as `new` makes
+/// `NEW.col` resolve the way it will in the trigger; `WHERE false` reads
+/// nothing and takes only ACCESS SHARE. It runs first, before the statements
+/// that take stronger locks. It is left out when an expression uses a PL/pgSQL
+/// variable (`OLD`, `TG_OP`, …) that a plain query cannot see.
+fn probe(spec: &TriggerSpec) -> Option<String> {
+    let exprs: Vec<&String> = spec
+        .set
+        .iter()
+        .chain(&spec.reverse)
+        .map(|(_, e)| e)
+        .chain(&spec.when)
+        .collect();
+    if exprs.iter().any(|e| uses_plpgsql_variables(e)) {
+        return None;
+    }
+    let list = exprs
+        .iter()
+        .map(|e| paren(e))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(format!(
+        "SELECT {list} FROM {} AS {} WHERE false",
+        spec.table.quoted(),
+        quote_ident("new")
+    ))
+}
+
+/// True when `expr` names `OLD` or a `TG_…` variable (or cannot be tokenized).
+fn uses_plpgsql_variables(expr: &str) -> bool {
+    let parse = SourceFile::parse(&format!("SELECT {expr}"));
+    if !parse.errors().is_empty() {
+        return true;
+    }
+    parse
+        .syntax_node()
+        .descendants_with_tokens()
+        .filter_map(|e| e.into_token())
+        .any(|t| {
+            let text = t.text().to_ascii_lowercase();
+            let text = text.trim_matches('"');
+            t.kind() == SyntaxKind::OLD_KW || text == "old" || text.starts_with("tg_")
+        })
+}
+
+/// The statements that remove the trigger and its function: safe to run again.
+pub fn rollback_statements(plan_id: &str, step: &str, spec: &TriggerSpec) -> Vec<String> {
+    let n = names(plan_id, step);
+    vec![
+        format!(
+            "DROP TRIGGER IF EXISTS {} ON {}",
+            n.trigger.quoted(),
+            spec.table.quoted()
+        ),
+        format!(
+            "DROP FUNCTION IF EXISTS {}()",
+            n.function_in(&spec.table).quoted()
+        ),
+    ]
+}
+
+/// The columns of the table the trigger reads, or `None` when they cannot be
+/// determined with certainty (then it must fire on every UPDATE).
+pub fn update_columns(spec: &TriggerSpec) -> Option<BTreeSet<Ident>> {
+    let mut cols = BTreeSet::new();
+    let exprs = spec
+        .set
+        .iter()
+        .chain(&spec.reverse)
+        .map(|(_, e)| e)
+        .chain(&spec.when);
+    for e in exprs {
+        cols.extend(new_references(e)?);
+    }
+    // An expression set that reads no column (`now()`): any update may be the one
+    // that should refresh it; do not guess which.
+    (!cols.is_empty()).then_some(cols)
+}
+
+/// The columns an expression reads as `NEW.column`, or `None` when it uses `NEW`
+/// in any other way (or does not parse).
+fn new_references(expr: &str) -> Option<BTreeSet<Ident>> {
+    let parse = SourceFile::parse(&format!("SELECT {expr}"));
+    if !parse.errors().is_empty() {
+        return None;
+    }
+    let tokens: Vec<(SyntaxKind, String)> = parse
+        .syntax_node()
+        .descendants_with_tokens()
+        .filter_map(|e| e.into_token())
+        .filter(|t| !t.kind().is_trivia())
+        .map(|t| (t.kind(), t.text().to_string()))
+        .collect();
+    let mut cols = BTreeSet::new();
+    for (i, (kind, text)) in tokens.iter().enumerate() {
+        if !is_new(*kind, text) {
+            continue;
+        }
+        // `t.new` is a field of something else, not the row variable.
+        if i > 0 && tokens[i - 1].0 == SyntaxKind::DOT {
+            continue;
+        }
+        match (tokens.get(i + 1), tokens.get(i + 2)) {
+            (Some((SyntaxKind::DOT, _)), Some((k, name)))
+                if *k == SyntaxKind::IDENT || k.is_keyword() =>
+            {
+                cols.insert(column_name(name)?);
+            }
+            // `NEW` alone, `(NEW).x`, `NEW.*`, `f(NEW)`: the whole row is read.
+            _ => return None,
+        }
+    }
+    Some(cols)
+}
+
+fn is_new(kind: SyntaxKind, text: &str) -> bool {
+    kind == SyntaxKind::NEW_KW
+        || (kind == SyntaxKind::IDENT && (text.eq_ignore_ascii_case("new") || text == "\"new\""))
+}
+
+/// The catalog name of one identifier token: unquoted names fold to lower case.
+fn column_name(text: &str) -> Option<Ident> {
+    if let Some(inner) = text.strip_prefix('"') {
+        let inner = inner.strip_suffix('"')?;
+        return Some(Ident(inner.replace("\"\"", "\"")));
+    }
+    // `U&"…"` and other forms we do not decode: give up rather than guess.
+    if !text
+        .chars()
+        .all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+    {
+        return None;
+    }
+    Some(Ident(text.to_ascii_lowercase()))
+}
+
+/// The PL/pgSQL body (between the dollar quotes).
+fn body(plan_id: &str, step: &str, spec: &TriggerSpec) -> String {
+    let mut b = String::new();
+    // A line comment ends at a line break, so anything after one would be code: keep
+    // the note on one line whatever the ids hold, and keep table and column names
+    // (which may contain line breaks when quoted) out of it altogether.
+    let note = format!("plan {plan_id}, step {step}").replace(['\n', '\r'], " ");
+    b.push_str(&format!(
+        "-- dual write generated by pgshift ({note})\nBEGIN\n"
+    ));
+    if let Some(when) = &spec.when {
+        b.push_str(&format!(
+            "  IF NOT coalesce({}, false) THEN\n    RETURN NEW;\n  END IF;\n",
+            paren(when)
+        ));
+    }
+    b.push_str("  IF TG_OP = 'INSERT' THEN\n");
+    for (col, expr) in spec.set.iter().chain(&spec.reverse) {
+        let c = col.quoted();
+        b.push_str(&format!(
+            "    IF NEW.{c} IS NULL THEN\n      NEW.{c} := {};\n    END IF;\n",
+            paren(expr)
+        ));
+    }
+    if spec.reverse.is_empty() {
+        b.push_str("  ELSE\n");
+        for (col, expr) in &spec.set {
+            let c = col.quoted();
+            b.push_str(&format!(
+                "    IF NEW.{c} IS NOT DISTINCT FROM OLD.{c} THEN\n      NEW.{c} := {};\n    END IF;\n",
+                paren(expr)
+            ));
+        }
+    } else {
+        b.push_str(&format!(
+            "  ELSIF {} THEN\n    -- the new side was not written: derive it from the old side\n",
+            unchanged(&spec.set)
+        ));
+        for (col, expr) in &spec.set {
+            b.push_str(&format!("    NEW.{} := {};\n", col.quoted(), paren(expr)));
+        }
+        b.push_str(&format!(
+            "  ELSIF {} THEN\n    -- only the new side was written: derive the old side from it\n",
+            unchanged(&spec.reverse)
+        ));
+        for (col, expr) in &spec.reverse {
+            b.push_str(&format!("    NEW.{} := {};\n", col.quoted(), paren(expr)));
+        }
+        b.push_str("  -- both sides were written: keep what the writer wrote\n");
+    }
+    b.push_str("  END IF;\n  RETURN NEW;\nEND;\n");
+    b
+}
+
+/// `NEW.a IS NOT DISTINCT FROM OLD.a AND …` over the columns of one side.
+fn unchanged(cols: &[(Ident, String)]) -> String {
+    cols.iter()
+        .map(|(c, _)| {
+            let c = c.quoted();
+            format!("NEW.{c} IS NOT DISTINCT FROM OLD.{c}")
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// A plan expression in parentheses. A `--` comment would swallow the closing
+/// parenthesis, so then it goes on a line of its own.
+fn paren(expr: &str) -> String {
+    let expr = expr.trim();
+    if expr.contains("--") {
+        format!("(\n{expr}\n)")
+    } else {
+        format!("({expr})")
+    }
+}
+
+/// A dollar-quote tag that occurs nowhere in `body`.
+fn dollar_tag(body: &str) -> String {
+    let mut salt = 0u32;
+    loop {
+        let mut hasher = Sha256::new();
+        hasher.update(salt.to_be_bytes());
+        hasher.update(body.as_bytes());
+        let tag = format!("$pgshift_{}$", &hex(&hasher.finalize())[..12]);
+        if !body.contains(&tag) {
+            return tag;
+        }
+        salt += 1;
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ident::{parse_ident, parse_qualified};
+
+    fn spec(table: &str, set: &[(&str, &str)], reverse: &[(&str, &str)]) -> TriggerSpec {
+        let pairs = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(c, e)| (parse_ident(c).unwrap(), e.to_string()))
+                .collect()
+        };
+        TriggerSpec {
+            table: parse_qualified(table).unwrap(),
+            set: pairs(set),
+            reverse: pairs(reverse),
+            when: None,
+        }
+    }
+
+    fn cols(v: &[&str]) -> Option<BTreeSet<Ident>> {
+        Some(v.iter().map(|c| Ident(c.to_string())).collect())
+    }
+
+    #[test]
+    fn names_carry_prefix_plan_step_and_hash() {
+        let n = names("0002_leads", "sync_email_hash");
+        let s = n.trigger.as_str();
+        assert!(s.starts_with("pgshift_0002_leads_sync_email_hash_"), "{s}");
+        assert_eq!(s.len(), "pgshift_0002_leads_sync_email_hash_".len() + 10);
+        assert_eq!(n.function, n.trigger);
+        // Stable across calls: the rollback must find what the step created.
+        assert_eq!(n, names("0002_leads", "sync_email_hash"));
+    }
+
+    #[test]
+    fn names_that_would_read_the_same_do_not_collide() {
+        assert_ne!(names("a_b", "c").trigger, names("a", "b_c").trigger);
+    }
+
+    #[test]
+    fn long_names_fit_63_bytes_and_stay_distinct() {
+        let plan = "p".repeat(63);
+        let a = names(&plan, &"s".repeat(63));
+        let b = names(&plan, &format!("{}t", "s".repeat(62)));
+        assert_eq!(a.trigger.as_str().len(), 63);
+        assert_eq!(b.trigger.as_str().len(), 63);
+        assert_ne!(a.trigger, b.trigger);
+        // Same 52-byte prefix, different steps.
+        assert_eq!(a.trigger.as_str()[..52], b.trigger.as_str()[..52]);
+    }
+
+    #[test]
+    fn long_non_ascii_names_are_cut_on_a_character_boundary() {
+        let n = names(&"é".repeat(40), "step");
+        assert!(n.trigger.as_str().len() <= MAX_IDENT_BYTES);
+        assert!(n.trigger.as_str().starts_with("pgshift_é"));
+    }
+
+    #[test]
+    fn references_are_read_from_new_fields() {
+        let e = "encode(sha256(lower(NEW.email)::bytea), 'hex')";
+        assert_eq!(new_references(e), cols(&["email"]));
+        assert_eq!(
+            new_references(r#"new."Mixed Case" || NEW.Other || NEW."a""b""#),
+            cols(&["Mixed Case", "other", "a\"b"])
+        );
+        // Keywords are valid column names after the dot.
+        assert_eq!(
+            new_references("NEW.order + NEW.user"),
+            cols(&["order", "user"])
+        );
+        // A field called `new` of another relation is not the row.
+        assert_eq!(
+            new_references("(SELECT t.new FROM t WHERE t.id = NEW.t_id)"),
+            cols(&["t_id"])
+        );
+        // Text inside literals and comments is not a reference.
+        assert_eq!(
+            new_references("'NEW.fake' || NEW.real -- NEW.comment"),
+            cols(&["real"])
+        );
+    }
+
+    #[test]
+    fn whole_row_uses_give_up() {
+        assert_eq!(new_references("to_jsonb(NEW)"), None);
+        assert_eq!(new_references("(NEW).email"), None);
+        assert_eq!(new_references("row_to_json(NEW.*)"), None);
+        assert_eq!(new_references("not valid ((("), None);
+    }
+
+    #[test]
+    fn set_only_trigger_sql() {
+        let s = spec(
+            "leads",
+            &[(
+                "email_hash",
+                "encode(sha256(lower(NEW.email)::bytea), 'hex')",
+            )],
+            &[],
+        );
+        let st = statements("p1", "sync", &s);
+        let n = names("p1", "sync");
+        let name = n.trigger.quoted();
+        assert_eq!(st.len(), 4);
+        assert_eq!(
+            st[0],
+            "SELECT (encode(sha256(lower(NEW.email)::bytea), 'hex')) FROM \"leads\" AS \"new\" WHERE false"
+        );
+        let tag = st[1]
+            .split_whitespace()
+            .find(|w| w.starts_with("$pgshift_"))
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            st[1],
+            format!(
+                "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS {tag}\n\
+                 -- dual write generated by pgshift (plan p1, step sync)\n\
+                 BEGIN\n\
+                 \x20 IF TG_OP = 'INSERT' THEN\n\
+                 \x20   IF NEW.\"email_hash\" IS NULL THEN\n\
+                 \x20     NEW.\"email_hash\" := (encode(sha256(lower(NEW.email)::bytea), 'hex'));\n\
+                 \x20   END IF;\n\
+                 \x20 ELSE\n\
+                 \x20   IF NEW.\"email_hash\" IS NOT DISTINCT FROM OLD.\"email_hash\" THEN\n\
+                 \x20     NEW.\"email_hash\" := (encode(sha256(lower(NEW.email)::bytea), 'hex'));\n\
+                 \x20   END IF;\n\
+                 \x20 END IF;\n\
+                 \x20 RETURN NEW;\n\
+                 END;\n{tag}"
+            )
+        );
+        assert_eq!(st[2], format!("DROP TRIGGER IF EXISTS {name} ON \"leads\""));
+        assert_eq!(
+            st[3],
+            format!(
+                "CREATE TRIGGER {name} BEFORE INSERT OR UPDATE OF \"email\" ON \"leads\" \
+                 FOR EACH ROW EXECUTE FUNCTION {name}()"
+            )
+        );
+        assert_eq!(
+            rollback_statements("p1", "sync", &s),
+            vec![
+                format!("DROP TRIGGER IF EXISTS {name} ON \"leads\""),
+                format!("DROP FUNCTION IF EXISTS {name}()"),
+            ]
+        );
+    }
+
+    #[test]
+    fn reverse_trigger_decides_per_side() {
+        let mut s = spec(
+            "app.users",
+            &[("contact_email", "NEW.email")],
+            &[("email", "NEW.contact_email")],
+        );
+        s.when = Some("NEW.kind = 'person'".into());
+        let st = statements("p", "rename", &s);
+        let body = &st[1];
+        assert!(
+            body.contains("FUNCTION \"app\".\"pgshift_p_rename_"),
+            "{body}"
+        );
+        assert!(body.contains(
+            "  IF NOT coalesce((NEW.kind = 'person'), false) THEN\n    RETURN NEW;\n  END IF;\n"
+        ));
+        assert!(body.contains(
+            "  ELSIF NEW.\"contact_email\" IS NOT DISTINCT FROM OLD.\"contact_email\" THEN\n"
+        ));
+        assert!(body.contains("    NEW.\"contact_email\" := (NEW.email);\n"));
+        assert!(body.contains("  ELSIF NEW.\"email\" IS NOT DISTINCT FROM OLD.\"email\" THEN\n"));
+        assert!(body.contains("    NEW.\"email\" := (NEW.contact_email);\n"));
+        assert!(st[3].contains(
+            "BEFORE INSERT OR UPDATE OF \"contact_email\", \"email\", \"kind\" ON \"app\".\"users\""
+        ));
+        assert!(
+            rollback_statements("p", "rename", &s)[1]
+                .starts_with("DROP FUNCTION IF EXISTS \"app\".\"pgshift_p_rename_")
+        );
+    }
+
+    #[test]
+    fn whole_row_expression_fires_on_every_update() {
+        let s = spec("t", &[("doc", "to_jsonb(NEW)")], &[]);
+        assert!(statements("p", "s", &s)[3].contains("BEFORE INSERT OR UPDATE ON \"t\""));
+        let s = spec("t", &[("stamp", "now()")], &[]);
+        assert!(statements("p", "s", &s)[3].contains("BEFORE INSERT OR UPDATE ON \"t\""));
+    }
+
+    #[test]
+    fn a_line_comment_cannot_swallow_the_closing_parenthesis() {
+        let s = spec("t", &[("b", "NEW.a -- copy")], &[]);
+        assert!(statements("p", "s", &s)[1].contains(":= (\nNEW.a -- copy\n);"));
+    }
+
+    #[test]
+    fn hostile_identifiers_are_quoted() {
+        let s = spec(
+            r#""x""; DROP TABLE users; --""#,
+            &[(r#""New ""Col""""#, r#"NEW."Old ""Col""""#)],
+            &[],
+        );
+        let st = statements("p", "s", &s);
+        assert!(
+            st[2].ends_with(r#"ON "x""; DROP TABLE users; --""#),
+            "{}",
+            st[2]
+        );
+        assert!(st[3].contains(r#"UPDATE OF "Old ""Col""" ON"#), "{}", st[3]);
+        assert!(st[1].contains(r#"IF NEW."New ""Col""" IS NULL"#));
+    }
+
+    #[test]
+    fn the_dollar_tag_never_occurs_in_the_body() {
+        let s = spec("t", &[("b", "NEW.a || '$pgshift_$'")], &[]);
+        let st = statements("p", "s", &s);
+        let tag = st[1]
+            .split_whitespace()
+            .find(|w| w.starts_with("$pgshift_") && w.len() == 22)
+            .unwrap();
+        assert_eq!(st[1].matches(tag).count(), 2);
+        assert!(st[1].ends_with(tag));
+    }
+
+    #[test]
+    fn a_line_break_in_a_name_or_id_stays_out_of_comments() {
+        let s = spec("\"evil\nEND\"", &[("b", "NEW.a")], &[]);
+        let st = statements("p\nRAISE", "s", &s);
+        for line in st[1].lines().filter(|l| l.contains("--")) {
+            assert!(!line.contains("evil") && line.contains("p RAISE"), "{line}");
+        }
+    }
+
+    #[test]
+    fn no_probe_when_an_expression_uses_plpgsql_variables() {
+        let s = spec(
+            "t",
+            &[("b", "CASE TG_OP WHEN 'INSERT' THEN NEW.a END")],
+            &[],
+        );
+        let st = statements("p", "s", &s);
+        assert_eq!(st.len(), 3);
+        assert!(st[0].starts_with("CREATE OR REPLACE FUNCTION"));
+    }
+
+    #[test]
+    fn statements_are_deterministic() {
+        let s = spec("t", &[("b", "NEW.a")], &[]);
+        assert_eq!(statements("p", "s", &s), statements("p", "s", &s));
+    }
+}
