@@ -314,17 +314,16 @@ fn run(cli: Cli) -> Exit {
                 &g,
                 move |cx| async move {
                     let plan = load_or_report(&file)?;
-                    if let Some(s) = &cx.options.backfill.step {
-                        if !plan
+                    if let Some(s) = &cx.options.backfill.step
+                        && !plan
                             .steps
                             .iter()
                             .any(|x| &x.name == s && matches!(x.kind, plan::StepKind::Backfill(_)))
-                        {
-                            return Err(exec::Error::Usage(format!(
-                                "plan `{}` has no backfill step `{s}`",
-                                plan.id
-                            )));
-                        }
+                    {
+                        return Err(exec::Error::Usage(format!(
+                            "plan `{}` has no backfill step `{s}`",
+                            plan.id
+                        )));
                     }
                     record_overrides(&cx, &plan).await?;
                     finish(
@@ -708,6 +707,11 @@ fn finish(plan: &str, r: Result<(), exec::Error>) -> Result<Exit, exec::Error> {
             Ok(code)
         }
     }
+}
+
+/// The `status` table of one plan (used by the demo).
+pub async fn print_status(cx: &exec::Context, plan: Option<&str>) -> Result<Exit, exec::Error> {
+    status::print(cx, plan, StatusFormat::Table, false).await
 }
 
 fn report_error(e: &exec::Error) -> Exit {

@@ -106,8 +106,8 @@ impl Reporter for Terminal {
             }
             None => {
                 let key = (format!("lock:{step}"), attempt);
-                if !st.last_line.contains_key(&key) {
-                    st.last_line.insert(key, Instant::now());
+                if let std::collections::hash_map::Entry::Vacant(e) = st.last_line.entry(key) {
+                    e.insert(Instant::now());
                     drop(st);
                     self.line(&format!("pgshift: {step}: {text}"));
                 }

@@ -4,7 +4,7 @@
 use serde_json::{Value as Json, json};
 
 use super::StatusFormat;
-use crate::control::{PlanRow, StepRow, status};
+use crate::control::{EventRow, PlanRow, StepRow, status};
 use crate::db;
 use crate::exec::{self, Context};
 use crate::exit::Exit;
@@ -142,18 +142,18 @@ fn print_plan(p: &PlanRow, steps: &[StepRow]) {
             s.attempts,
             time
         );
-        if let Some(e) = &s.last_error {
-            if s.status != status::SUCCEEDED {
-                let state = s
-                    .last_sqlstate
-                    .as_deref()
-                    .map(|x| format!(" [SQLSTATE {x}]"))
-                    .unwrap_or_default();
-                println!(
-                    "      last error{state}: {}",
-                    e.lines().next().unwrap_or("")
-                );
-            }
+        if let Some(e) = &s.last_error
+            && s.status != status::SUCCEEDED
+        {
+            let state = s
+                .last_sqlstate
+                .as_deref()
+                .map(|x| format!(" [SQLSTATE {x}]"))
+                .unwrap_or_default();
+            println!(
+                "      last error{state}: {}",
+                e.lines().next().unwrap_or("")
+            );
         }
         if s.overrides.as_object().is_some_and(|o| !o.is_empty()) {
             println!("      operator overrides: {}", s.overrides);
@@ -199,11 +199,7 @@ pub fn next_command(p: &PlanRow, steps: &[StepRow]) -> String {
     }
 }
 
-fn plan_json(
-    p: &PlanRow,
-    steps: &[StepRow],
-    events: Option<&[(String, Option<String>, String, Json)]>,
-) -> Json {
+fn plan_json(p: &PlanRow, steps: &[StepRow], events: Option<&[EventRow]>) -> Json {
     let mut v = json!({
         "id": p.id,
         "status": p.status,

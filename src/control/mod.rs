@@ -48,6 +48,9 @@ pub struct PlanRow {
     pub updated_at: String,
 }
 
+/// One row of `events`: when, which step, what, details.
+pub type EventRow = (String, Option<String>, String, Json);
+
 /// A row of `steps`.
 #[derive(Debug, Clone)]
 pub struct StepRow {
@@ -457,11 +460,7 @@ impl Control {
     }
 
     /// Events of a plan, oldest first.
-    pub async fn events(
-        &self,
-        c: &impl GenericClient,
-        plan: &str,
-    ) -> Result<Vec<(String, Option<String>, String, Json)>, Error> {
+    pub async fn events(&self, c: &impl GenericClient, plan: &str) -> Result<Vec<EventRow>, Error> {
         let rows = c
             .query(&self.sql("SELECT at::text, step, event, detail FROM __SCHEMA__.events WHERE plan_id = $1 ORDER BY id"), &[&plan])
             .await?;

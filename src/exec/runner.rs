@@ -146,34 +146,34 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
 
 async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> Result<(), Error> {
     let existing = cx.control.register(&mut held.conn, plan, &whoami()).await?;
-    if let Some(row) = &existing {
-        if row.checksum != plan.checksum.0 {
-            if !cx.options.accept_changed {
-                return Err(Error::PlanChanged {
-                    plan: plan.id.clone(),
-                    recorded: row.checksum.clone(),
-                    current: plan.checksum.0.clone(),
-                });
-            }
-            cx.control
-                .set_checksum(&held.conn, &plan.id, &plan.checksum.0)
-                .await?;
-            cx.control
-                .event(
-                    &held.conn,
-                    &plan.id,
-                    None,
-                    "plan_change_accepted",
-                    json!({"recorded": row.checksum, "current": plan.checksum.0, "by": whoami()}),
-                )
-                .await?;
-            cx.reporter.message(&format!(
-                "plan `{}` changed since it started ({} → {}); continuing as you asked",
-                plan.id,
-                short(&row.checksum),
-                plan.checksum.short()
-            ));
+    if let Some(row) = &existing
+        && row.checksum != plan.checksum.0
+    {
+        if !cx.options.accept_changed {
+            return Err(Error::PlanChanged {
+                plan: plan.id.clone(),
+                recorded: row.checksum.clone(),
+                current: plan.checksum.0.clone(),
+            });
         }
+        cx.control
+            .set_checksum(&held.conn, &plan.id, &plan.checksum.0)
+            .await?;
+        cx.control
+            .event(
+                &held.conn,
+                &plan.id,
+                None,
+                "plan_change_accepted",
+                json!({"recorded": row.checksum, "current": plan.checksum.0, "by": whoami()}),
+            )
+            .await?;
+        cx.reporter.message(&format!(
+            "plan `{}` changed since it started ({} → {}); continuing as you asked",
+            plan.id,
+            short(&row.checksum),
+            plan.checksum.short()
+        ));
     }
     let runner = format!("{} pid {}", whoami(), std::process::id());
     cx.control
@@ -199,20 +199,20 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
         ));
         return Ok(());
     }
-    if mode == Mode::BackfillOnly {
-        if let Some(first) = plan.steps.iter().find(|s| {
+    if mode == Mode::BackfillOnly
+        && let Some(first) = plan.steps.iter().find(|s| {
             s.phase < Phase::Backfill
                 && rows
                     .get(&s.name)
                     .is_none_or(|r| r.status != status::SUCCEEDED)
-        }) {
-            return Err(Error::Usage(format!(
-                "step `{}` ({}) has not succeeded yet; the backfill runs after it. Run `pgshift plan apply {}` first",
-                first.name,
-                first.phase,
-                plan.file.display()
-            )));
-        }
+        })
+    {
+        return Err(Error::Usage(format!(
+            "step `{}` ({}) has not succeeded yet; the backfill runs after it. Run `pgshift plan apply {}` first",
+            first.name,
+            first.phase,
+            plan.file.display()
+        )));
     }
     cx.control
         .set_plan_status(&held.conn, &plan.id, status::RUNNING)
@@ -252,10 +252,10 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
             continue;
         }
         if phase != Some(step.phase) {
-            if let Some(prev) = phase {
-                if let Some(cmds) = plan.hooks.after.get(&prev) {
-                    run_hooks_strict(cx, plan, cmds, &format!("after.{prev}"), prev).await?;
-                }
+            if let Some(prev) = phase
+                && let Some(cmds) = plan.hooks.after.get(&prev)
+            {
+                run_hooks_strict(cx, plan, cmds, &format!("after.{prev}"), prev).await?;
             }
             phase = Some(step.phase);
             if let Some(cmds) = plan.hooks.before.get(&step.phase) {
@@ -297,10 +297,10 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
             .await;
         return Ok(());
     }
-    if let Some(last) = phase {
-        if let Some(cmds) = plan.hooks.after.get(&last) {
-            run_hooks_strict(cx, plan, cmds, &format!("after.{last}"), last).await?;
-        }
+    if let Some(last) = phase
+        && let Some(cmds) = plan.hooks.after.get(&last)
+    {
+        run_hooks_strict(cx, plan, cmds, &format!("after.{last}"), last).await?;
     }
     cx.control
         .set_plan_status(&held.conn, &plan.id, status::SUCCEEDED)

@@ -318,11 +318,11 @@ pub async fn run_non_transactional(
             let r = cancellable(cx, &token, client.batch_execute(statement)).await;
             done.cancel();
             let _ = watcher.await;
-            if r.is_err() {
-                if let Some(name) = &index {
-                    // Leave nothing INVALID behind for the application's planner to trip on.
-                    let _ = drop_invalid_index(cx, plan, step, &client, name).await;
-                }
+            if r.is_err()
+                && let Some(name) = &index
+            {
+                // Leave nothing INVALID behind for the application's planner to trip on.
+                let _ = drop_invalid_index(cx, plan, step, &client, name).await;
             }
             r
         }
