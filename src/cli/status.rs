@@ -31,6 +31,16 @@ pub async fn print(
         None => cx.control.plans(&c).await?,
     };
     let mut out = Vec::new();
+    let mut plans = plans;
+    for p in plans.iter_mut() {
+        // A runner recorded but not holding the lock was killed: say so, not "running".
+        if p.runner.is_some() && cx.control.lock_holder(&c, &p.id).await?.is_none() {
+            p.runner = None;
+            if p.status == status::RUNNING {
+                p.status = status::INTERRUPTED.to_string();
+            }
+        }
+    }
     for p in &plans {
         let steps = cx.control.steps(&c, &p.id).await?;
         let evs = if events {

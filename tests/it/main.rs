@@ -1,5 +1,7 @@
 //! The one integration-test binary (one link, many areas).
 
+mod clarivum;
+mod cluster;
 mod corpus;
 mod harness;
 mod plan;
