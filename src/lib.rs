@@ -5,6 +5,7 @@
 //! recorded in a control schema (`control`) so that an interrupted run resumes
 //! exactly where it stopped.
 
+pub mod backfill;
 pub mod cli;
 pub mod control;
 pub mod db;
