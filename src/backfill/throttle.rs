@@ -208,10 +208,8 @@ async fn replica_lag(client: &Client, max: Duration) -> Result<Option<String>, R
             )));
         };
         match (lag, gap) {
-            (Some(lag), _) if lag > max_secs => {
-                if worst.as_ref().is_none_or(|(w, _)| lag > *w) {
-                    worst = Some((lag, name));
-                }
+            (Some(lag), _) if lag > max_secs && worst.as_ref().is_none_or(|(w, _)| lag > *w) => {
+                worst = Some((lag, name));
             }
             (None, Some(gap)) if state == "streaming" && gap > 0.0 => {
                 return Ok(Some(format!(
