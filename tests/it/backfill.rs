@@ -756,3 +756,40 @@ async fn a_lock_timeout_retries_the_batch_smaller() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_connection_reconnects_and_repeats_nothing() {
+    let db = TestDb::create("bf_connection_killed").await;
+    items(&db, 3000).await;
+    slow_batches(&db, "items", 0.03).await;
+    let p = plan("table: items\nset: n = n + 1\nbatch_size: 100\nworkers: 2");
+    register(&db, &p).await;
+    let task = tokio::spawn(run(
+        db.url.clone(),
+        p.clone(),
+        Recorder::new(),
+        Options::default(),
+    ));
+    wait_until(
+        &db,
+        "SELECT coalesce((SELECT sum(batches) >= 4 FROM pgshift.backfill_ranges), false)",
+        20,
+    )
+    .await;
+    // Kill pgshift's connections, mid-batch or between batches.
+    let killed = db
+        .scalar_i64("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'pgshift'")
+        .await;
+    assert!(killed >= 1);
+    assert_eq!(task.await.unwrap().unwrap(), Outcome::Done);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM items WHERE n <> 1 OR touched <> 1")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT rows_done FROM pgshift.steps WHERE name = 'fill'")
+            .await,
+        3000
+    );
+}
