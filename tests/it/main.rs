@@ -1,5 +1,6 @@
 //! The one integration-test binary (one link, many areas).
 
+mod backfill;
 mod clarivum;
 mod cluster;
 mod corpus;
