@@ -201,6 +201,39 @@ pub fn describe(plan: &Plan, step: &plan::Step) -> String {
             if let Some(w) = &b.where_ {
                 let _ = writeln!(s, "  where {w}");
             }
+            let t = &b.throttle;
+            let _ = writeln!(
+                s,
+                "  throttle: sleep {}, batch size {}..{}{}{}{}{}",
+                plan::duration::format(t.sleep),
+                t.min_batch_size,
+                t.max_batch_size,
+                t.target_batch_time
+                    .map(|d| format!(", target batch time {}", plan::duration::format(d)))
+                    .unwrap_or_default(),
+                t.max_rows_per_sec
+                    .map(|r| format!(", at most {r} rows/s"))
+                    .unwrap_or_default(),
+                t.max_replica_lag
+                    .map(|d| format!(", pause while replica lag > {}", plan::duration::format(d)))
+                    .unwrap_or_default(),
+                t.throttle_query
+                    .as_ref()
+                    .map(|q| format!(", pause while `{q}`"))
+                    .unwrap_or_default(),
+            );
+            let (key, note) = match &b.key {
+                Some(k) => (k.clone(), String::new()),
+                None => (
+                    vec![crate::ident::Ident("id".into())],
+                    " (the key is the primary key, read from the catalog when the step starts; shown here as \"id\")".to_string(),
+                ),
+            };
+            let _ = writeln!(
+                s,
+                "each batch, in one transaction with its checkpoint{note}:"
+            );
+            s.push_str(&crate::backfill::batch_sql(b, &key));
             s
         }
     }

@@ -21,10 +21,10 @@ fn index_plan_queries() -> Vec<(String, String)> {
                 sql.push_str(l);
                 sql.push('\n');
             }
-            if let Some(next) = lines.peek() {
-                if let Some(idx) = next.trim().strip_prefix("index:") {
-                    out.push((sql, idx.trim().to_string()));
-                }
+            if let Some(next) = lines.peek()
+                && let Some(idx) = next.trim().strip_prefix("index:")
+            {
+                out.push((sql, idx.trim().to_string()));
             }
         }
     }
