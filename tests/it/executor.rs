@@ -1,0 +1,280 @@
+//! The executor against the real server, through the built binary: failures and
+//! resume, crashes at random instants, lock-safe DDL, the one-runner lock, plan
+//! changes, CREATE INDEX CONCURRENTLY failures, SIGINT, rollback, run steps and
+//! hooks, password redaction, and the status JSON.
+//!
+//! Every run uses a DATABASE_URL with a password (the server's trust auth ignores
+//! it), and every output and the events table are checked for it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+use crate::harness::*;
+
+const SECRET: &str = "s3cretpw";
+
+/// The test database's URL with a password in it.
+fn secret_url(db: &TestDb) -> String {
+    let u = db.url.replacen("postgres@", &format!("postgres:{SECRET}@"), 1);
+    assert!(u.contains(SECRET), "cannot put a password into {}", db.url);
+    u
+}
+
+/// A directory of its own for one test's plan files and hook outputs.
+fn work_dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir()
+        .join("pgshift-exectests")
+        .join(test);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_plan(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, yaml).unwrap();
+    p
+}
+
+fn no_secret(what: &str, text: &str) {
+    assert!(
+        !text.contains(SECRET),
+        "the password appears in {what}:\n{text}"
+    );
+}
+
+/// Runs pgshift with the password URL; checks the password is in neither stream.
+fn run(db: &TestDb, args: &[&str]) -> Output {
+    let url = secret_url(db);
+    let o = pgshift_with_env(args, &[("DATABASE_URL", url.as_str())]);
+    no_secret(&format!("stdout of {args:?}"), &stdout(&o));
+    no_secret(&format!("stderr of {args:?}"), &stderr(&o));
+    o
+}
+
+fn expect_code(o: &Output, code: i32, what: &str) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "{what}: expected exit {code}\nstdout:\n{}\nstderr:\n{}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// Starts pgshift in the background (to kill or interrupt it); stdout and stderr piped.
+fn spawn(db: &TestDb, args: &[&str]) -> Child {
+    std::process::Command::new(bin())
+        .args(args)
+        .env("DATABASE_URL", secret_url(db))
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pgshift")
+}
+
+/// Waits for a spawned run (up to `limit`), checks its output for the password.
+fn wait_output(child: Child, limit: Duration, what: &str) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let o = match rx.recv_timeout(limit) {
+        Ok(o) => o.expect("wait for pgshift"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{what}: pgshift did not exit within {limit:?}");
+        }
+    };
+    no_secret(&format!("stdout of {what}"), &stdout(&o));
+    no_secret(&format!("stderr of {what}"), &stderr(&o));
+    o
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} {}", child.id());
+}
+
+/// `status PLAN --format json`, the plan's object.
+fn status_json(db: &TestDb, plan: &str) -> Json {
+    let o = run(db, &["status", plan, "--format", "json", "--events"]);
+    expect_code(&o, 0, "status");
+    let v: Json = serde_json::from_str(&stdout(&o))
+        .unwrap_or_else(|e| panic!("status JSON: {e}\n{}", stdout(&o)));
+    v["plans"][0].clone()
+}
+
+fn step<'a>(plan: &'a Json, name: &str) -> &'a Json {
+    plan["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {plan:#}"))
+}
+
+fn step_status(plan: &Json, name: &str) -> String {
+    step(plan, name)["status"].as_str().unwrap_or("").to_string()
+}
+
+fn events_named(plan: &Json, event: &str) -> Vec<Json> {
+    plan["events"]
+        .as_array()
+        .map(|a| a.iter().filter(|e| e["event"] == event).cloned().collect())
+        .unwrap_or_default()
+}
+
+/// The password is in no row of the control tables.
+async fn control_tables_clean(db: &TestDb) {
+    for table in ["events", "plans", "steps"] {
+        let n = db
+            .scalar_i64(&format!(
+                "SELECT count(*) FROM pgshift.{table} t WHERE t::text LIKE '%{SECRET}%'"
+            ))
+            .await;
+        assert_eq!(n, 0, "the password appears in pgshift.{table}");
+    }
+}
+
+async fn runs_per_step(db: &TestDb) -> Vec<(String, i64)> {
+    db.client
+        .query(
+            "SELECT step, count(*) FROM runs GROUP BY step ORDER BY step",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Polls `sql` (a boolean query) until true, for up to `limit`.
+async fn wait_until(db: &TestDb, sql: &str, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let v: bool = db.client.query_one(sql, &[]).await.unwrap().get(0);
+        if v {
+            return;
+        }
+        assert!(start.elapsed() < limit, "not true after {limit:?}: {sql}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+// 1 + 10 + 11: a failure at step 3, the status JSON, resume without re-running steps 1–2.
+#[tokio::test]
+async fn failed_step_resumes_without_rerunning_earlier_steps() {
+    let db = TestDb::create("ex_fail_resume").await;
+    db.exec("CREATE TABLE runs (step text NOT NULL)").await;
+    let dir = work_dir("fail_resume");
+    let plan = write_plan(
+        &dir,
+        "fail_resume",
+        "id: fail_resume
+settings: { lock_timeout: 200ms, retries: 2 }
+phases:
+  expand:
+    - name: s1
+      sql: INSERT INTO runs VALUES ('s1')
+      rollback: DELETE FROM runs WHERE step = 's1'
+    - name: s2
+      sql: INSERT INTO runs VALUES ('s2')
+      rollback: DELETE FROM runs WHERE step = 's2'
+    - name: s3
+      sql: |
+        INSERT INTO runs VALUES ('s3');
+        INSERT INTO needed (id) VALUES (1)
+      rollback: DELETE FROM runs WHERE step = 's3'
+    - name: s4
+      sql: INSERT INTO runs VALUES ('s4')
+      rollback: DELETE FROM runs WHERE step = 's4'
+",
+    );
+    let f = plan.to_str().unwrap();
+    let o = run(&db, &["plan", "apply", f]);
+    expect_code(&o, 1, "apply with a failing step 3");
+    assert!(stderr(&o).contains("s3"), "{}", stderr(&o));
+
+    let p = status_json(&db, "fail_resume");
+    // 11: the documented fields.
+    for key in ["id", "status", "steps", "next", "checksum", "file"] {
+        assert!(p.get(key).is_some(), "status JSON lacks `{key}`: {p:#}");
+    }
+    assert_eq!(p["id"], "fail_resume");
+    assert_eq!(p["status"], "failed");
+    assert!(p["next"].as_str().unwrap().contains("resume"), "{p:#}");
+    for s in p["steps"].as_array().unwrap() {
+        for key in [
+            "name",
+            "status",
+            "attempts",
+            "last_error",
+            "last_sqlstate",
+            "rows_done",
+            "phase",
+            "kind",
+            "position",
+        ] {
+            assert!(s.get(key).is_some(), "step JSON lacks `{key}`: {s:#}");
+        }
+    }
+    assert_eq!(step_status(&p, "s1"), "succeeded");
+    assert_eq!(step_status(&p, "s2"), "succeeded");
+    assert_eq!(step_status(&p, "s3"), "failed");
+    assert_eq!(step_status(&p, "s4"), "pending");
+    let s3 = step(&p, "s3");
+    assert_eq!(s3["last_sqlstate"], "42P01", "{s3:#}");
+    assert!(
+        s3["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("relation \"needed\" does not exist"),
+        "{s3:#}"
+    );
+    assert_eq!(s3["attempts"], 1);
+    // The failed step's insert was rolled back with it.
+    assert_eq!(
+        runs_per_step(&db).await,
+        vec![("s1".into(), 1), ("s2".into(), 1)]
+    );
+
+    // Fix the database, resume by plan id.
+    db.exec("CREATE TABLE needed (id bigint)").await;
+    let o = run(&db, &["--yes", "resume", "fail_resume"]);
+    expect_code(&o, 0, "resume after the fix");
+    let p = status_json(&db, "fail_resume");
+    assert_eq!(p["status"], "succeeded", "{p:#}");
+    for s in ["s1", "s2", "s3", "s4"] {
+        assert_eq!(step_status(&p, s), "succeeded");
+    }
+    assert_eq!(step(&p, "s1")["attempts"], 1, "s1 ran again");
+    assert_eq!(step(&p, "s2")["attempts"], 1, "s2 ran again");
+    assert_eq!(step(&p, "s3")["attempts"], 2);
+    assert_eq!(
+        runs_per_step(&db).await,
+        vec![
+            ("s1".into(), 1),
+            ("s2".into(), 1),
+            ("s3".into(), 1),
+            ("s4".into(), 1)
+        ]
+    );
+    // 10: the password is in no output (checked by `run`) and no control row.
+    control_tables_clean(&db).await;
+    let o = run(&db, &["status"]);
+    expect_code(&o, 0, "status of every plan");
+}
