@@ -406,3 +406,100 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
         control_tables_clean(&db).await;
     }
 }
+
+// 3: DDL under lock_timeout, retried; the application never queues longer than that.
+#[tokio::test]
+async fn ddl_waits_at_most_its_lock_timeout_and_retries_until_the_blocker_ends() {
+    let db = TestDb::create("ex_lock_safe").await;
+    db.exec("CREATE TABLE t (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text); INSERT INTO t (v) SELECT 'x' FROM generate_series(1, 100)").await;
+    let dir = work_dir("lock_safe");
+    let plan = write_plan(
+        &dir,
+        "lock_safe",
+        "id: lock_safe
+settings: { lock_timeout: 200ms, retries: 40 }
+phases:
+  expand:
+    - name: add_col
+      sql: ALTER TABLE t ADD COLUMN w text
+      rollback: ALTER TABLE t DROP COLUMN IF EXISTS w
+",
+    );
+    // The blocker: a transaction holding a lock the ALTER TABLE conflicts with.
+    let blocker = connect(&db.url).await;
+    let blocker_pid: i32 = blocker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE t IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+
+    // The application: reads and writes in a loop, each timed.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let app = tokio::spawn({
+        let url = db.url.clone();
+        let stop = stop.clone();
+        async move {
+            let c = connect(&url).await;
+            let mut max = Duration::ZERO;
+            let mut n = 0u32;
+            while !stop.is_cancelled() {
+                let t0 = Instant::now();
+                c.query_one("SELECT count(*) FROM t", &[]).await.unwrap();
+                max = max.max(t0.elapsed());
+                let t0 = Instant::now();
+                c.execute("INSERT INTO t (v) VALUES ('app')", &[])
+                    .await
+                    .unwrap();
+                max = max.max(t0.elapsed());
+                n += 2;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (max, n)
+        }
+    });
+
+    let child = spawn(&db, &["plan", "apply", plan.to_str().unwrap()]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Still waiting: the column is not there yet.
+    let added = db
+        .scalar_i64("SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = 'w'")
+        .await;
+    assert_eq!(added, 0, "the ALTER TABLE ran although the blocker holds its lock");
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let o = tokio::task::spawn_blocking(move || {
+        wait_output(child, Duration::from_secs(30), "apply behind a blocker")
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    let (max, n) = app.await.unwrap();
+    expect_code(&o, 0, "apply behind a blocker");
+    println!("lock-safe DDL: worst application wait {max:?} over {n} queries (lock_timeout 200ms)");
+    assert!(
+        max < Duration::from_millis(500),
+        "an application query waited {max:?}, more than the lock timeout 200ms + 300ms margin"
+    );
+
+    let p = status_json(&db, "lock_safe");
+    assert_eq!(step_status(&p, "add_col"), "succeeded", "{p:#}");
+    let retries = events_named(&p, "retry");
+    assert!(!retries.is_empty(), "no retry event: {p:#}");
+    assert!(
+        retries.iter().all(|e| e["detail"]["sqlstate"] == "55P03"),
+        "{retries:#?}"
+    );
+    let waits = events_named(&p, "lock_wait");
+    assert!(
+        waits
+            .iter()
+            .any(|e| e["detail"]["blocker_pid"] == blocker_pid),
+        "no lock_wait event names the blocker pid {blocker_pid}: {waits:#?}"
+    );
+    println!("lock-safe DDL: {} retries", retries.len());
+    control_tables_clean(&db).await;
+}
