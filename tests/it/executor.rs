@@ -503,3 +503,124 @@ phases:
     println!("lock-safe DDL: {} retries", retries.len());
     control_tables_clean(&db).await;
 }
+
+// 4: one runner per plan; the second exits 4 naming the holder.
+#[tokio::test]
+async fn a_second_runner_of_the_same_plan_exits_4_naming_the_holder() {
+    let db = TestDb::create("ex_two_runners").await;
+    db.exec("CREATE TABLE flag (ok boolean NOT NULL); INSERT INTO flag VALUES (false); CREATE TABLE runs (step text NOT NULL)").await;
+    let dir = work_dir("two_runners");
+    let plan = write_plan(
+        &dir,
+        "two_runners",
+        "id: two_runners
+phases:
+  expand:
+    - name: wait_flag
+      check: { query: \"SELECT ok FROM flag\", wait: 20s, interval: 100ms }
+    - name: s1
+      sql: INSERT INTO runs VALUES ('s1')
+      rollback: DELETE FROM runs WHERE step = 's1'
+",
+    );
+    let f = plan.to_str().unwrap();
+    // `status` creates the control schema, so that the wait below can query it.
+    expect_code(&run(&db, &["status"]), 0, "status on a new database");
+    let first = spawn(&db, &["plan", "apply", f]);
+    // The first one holds the plan once it records itself as the runner.
+    wait_until(
+        &db,
+        "SELECT EXISTS (SELECT FROM pgshift.steps WHERE plan_id = 'two_runners' AND name = 'wait_flag' AND status = 'running')",
+        Duration::from_secs(10),
+    )
+    .await;
+    let holder_pid: i32 = db
+        .client
+        .query_one(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let second = run(&db, &["plan", "apply", f]);
+    expect_code(&second, 4, "second apply of a running plan");
+    let err = stderr(&second);
+    assert!(
+        err.contains(&format!("pid {holder_pid}")),
+        "stderr does not name the holder (backend pid {holder_pid}):\n{err}"
+    );
+    println!("second runner said: {}", err.trim());
+    let resume = run(&db, &["--yes", "resume", f]);
+    expect_code(&resume, 4, "resume of a running plan");
+
+    db.exec("UPDATE flag SET ok = true").await;
+    let o = tokio::task::spawn_blocking(move || {
+        wait_output(first, Duration::from_secs(30), "first apply")
+    })
+    .await
+    .unwrap();
+    expect_code(&o, 0, "the first apply, after the flag");
+    assert_eq!(runs_per_step(&db).await, vec![("s1".into(), 1)]);
+    let p = status_json(&db, "two_runners");
+    assert_eq!(p["status"], "succeeded");
+    assert_eq!(p["runner"], Json::Null, "runner not cleared: {p:#}");
+    control_tables_clean(&db).await;
+}
+
+// 5: a changed plan file is refused on resume unless accepted.
+#[tokio::test]
+async fn a_changed_plan_file_is_refused_on_resume_unless_accepted() {
+    let db = TestDb::create("ex_changed").await;
+    db.exec("CREATE TABLE runs (step text NOT NULL)").await;
+    let dir = work_dir("changed");
+    let original = "id: changed
+phases:
+  expand:
+    - name: s1
+      sql: INSERT INTO runs VALUES ('s1')
+      rollback: DELETE FROM runs WHERE step = 's1'
+  contract:
+    - name: deployed
+      gate: Deploy the app
+    - name: s2
+      sql: INSERT INTO runs VALUES ('s2')
+";
+    let plan = write_plan(&dir, "changed", original);
+    let f = plan.to_str().unwrap();
+    expect_code(&run(&db, &["plan", "apply", f]), 3, "apply up to the gate");
+    let recorded = status_json(&db, "changed")["checksum"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(&plan, original.replace("('s2')", "('s2-changed')")).unwrap();
+
+    let o = run(&db, &["--yes", "resume", f]);
+    expect_code(&o, 5, "resume of a changed plan");
+    let err = stderr(&o);
+    assert!(err.contains(&recorded), "recorded checksum {recorded} not in:\n{err}");
+    let checksums: std::collections::BTreeSet<&str> = err
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == ':'))
+        .filter(|w| w.starts_with("sha256:") && w.len() > 20)
+        .collect();
+    assert_eq!(checksums.len(), 2, "both checksums expected in:\n{err}");
+    assert!(err.contains("--accept-changed"), "{err}");
+    // Nothing ran.
+    assert_eq!(runs_per_step(&db).await, vec![("s1".into(), 1)]);
+    let by_id = run(&db, &["--yes", "resume", "changed"]);
+    expect_code(&by_id, 5, "resume by id of a changed plan");
+
+    let o = run(&db, &["--yes", "resume", f, "--accept-changed"]);
+    expect_code(&o, 0, "resume --accept-changed");
+    let p = status_json(&db, "changed");
+    assert_eq!(p["status"], "succeeded");
+    assert_ne!(p["checksum"].as_str().unwrap(), recorded);
+    let accepted = events_named(&p, "plan_change_accepted");
+    assert_eq!(accepted.len(), 1, "{p:#}");
+    assert_eq!(accepted[0]["detail"]["recorded"], recorded.as_str());
+    assert_eq!(
+        runs_per_step(&db).await,
+        vec![("s1".into(), 1), ("s2-changed".into(), 1)]
+    );
+    control_tables_clean(&db).await;
+}
