@@ -624,3 +624,180 @@ phases:
     );
     control_tables_clean(&db).await;
 }
+
+// 6: a failed CREATE UNIQUE INDEX CONCURRENTLY names the duplicate key and leaves no INVALID index.
+#[tokio::test]
+async fn failed_unique_index_concurrently_names_the_key_and_leaves_nothing_invalid() {
+    let db = TestDb::create("ex_unique_cic").await;
+    db.exec("CREATE TABLE u (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, x bigint); INSERT INTO u (x) VALUES (1), (2), (42), (42), (3)").await;
+    let dir = work_dir("unique_cic");
+    let plan = write_plan(
+        &dir,
+        "unique_cic",
+        "id: unique_cic
+phases:
+  expand:
+    - name: uniq_x
+      sql: CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS u_x_key ON u (x)
+      rollback: DROP INDEX CONCURRENTLY IF EXISTS u_x_key
+",
+    );
+    let f = plan.to_str().unwrap();
+    let o = run(&db, &["plan", "apply", f]);
+    expect_code(&o, 1, "unique index over duplicates");
+    let p = status_json(&db, "unique_cic");
+    let s = step(&p, "uniq_x");
+    assert_eq!(s["status"], "failed", "{s:#}");
+    assert_eq!(s["last_sqlstate"], "23505", "{s:#}");
+    let err = s["last_error"].as_str().unwrap();
+    assert!(err.contains("Key (x)=(42) is duplicated"), "{err}");
+    let left = db
+        .scalar_i64("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'u_x_key'")
+        .await;
+    assert_eq!(left, 0, "an index (INVALID) was left behind");
+    let invalid = db
+        .scalar_i64("SELECT count(*) FROM pg_index WHERE NOT indisvalid")
+        .await;
+    assert_eq!(invalid, 0);
+
+    db.exec("DELETE FROM u WHERE x = 42 AND id <> (SELECT min(id) FROM u WHERE x = 42)")
+        .await;
+    let o = run(&db, &["--yes", "resume", "unique_cic"]);
+    expect_code(&o, 0, "resume after deleting the duplicates");
+    let valid = db
+        .scalar_i64("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'u_x_key' AND i.indisvalid AND i.indisunique")
+        .await;
+    assert_eq!(valid, 1);
+    assert_eq!(step_status(&status_json(&db, "unique_cic"), "uniq_x"), "succeeded");
+    control_tables_clean(&db).await;
+}
+
+// 7: SIGINT during a long statement cancels it on the server; exit 3; resume completes.
+#[tokio::test]
+async fn sigint_cancels_the_statement_on_the_server_and_resume_completes() {
+    let db = TestDb::create("ex_sigint").await;
+    db.exec("CREATE TABLE flag (slow boolean NOT NULL); INSERT INTO flag VALUES (true); CREATE TABLE runs (step text NOT NULL)").await;
+    let dir = work_dir("sigint");
+    let plan = write_plan(
+        &dir,
+        "sigint",
+        "id: sigint
+settings: { statement_timeout: 60s }
+phases:
+  expand:
+    - name: s1
+      sql: INSERT INTO runs VALUES ('s1')
+      rollback: DELETE FROM runs WHERE step = 's1'
+    - name: slow
+      sql: |
+        INSERT INTO runs VALUES ('slow');
+        SELECT pg_sleep(CASE WHEN (SELECT slow FROM flag) THEN 30 ELSE 0 END)
+      rollback: DELETE FROM runs WHERE step = 'slow'
+    - name: s3
+      sql: INSERT INTO runs VALUES ('s3')
+      rollback: DELETE FROM runs WHERE step = 's3'
+",
+    );
+    let f = plan.to_str().unwrap();
+    let child = spawn(&db, &["plan", "apply", f]);
+    let sleeping = "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%pg_sleep(CASE%' AND pid <> pg_backend_pid())";
+    wait_until(&db, sleeping, Duration::from_secs(10)).await;
+    let t0 = Instant::now();
+    signal(&child, "INT");
+    let o = tokio::task::spawn_blocking(move || wait_output(child, Duration::from_secs(10), "interrupted apply"))
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    println!("SIGINT: pgshift exited {took:?} after the signal");
+    expect_code(&o, 3, "apply interrupted by SIGINT");
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
+    let still: bool = db.client.query_one(sleeping, &[]).await.unwrap().get(0);
+    assert!(!still, "the statement still runs on the server after pgshift exited");
+    assert!(stderr(&o).contains("resume"), "{}", stderr(&o));
+    let p = status_json(&db, "sigint");
+    assert_eq!(step_status(&p, "s1"), "succeeded");
+    assert_eq!(step_status(&p, "slow"), "interrupted", "{p:#}");
+    assert_eq!(p["status"], "interrupted");
+    assert_eq!(runs_per_step(&db).await, vec![("s1".into(), 1)]);
+
+    db.exec("UPDATE flag SET slow = false").await;
+    let o = run(&db, &["--yes", "resume", "sigint"]);
+    expect_code(&o, 0, "resume after the interrupt");
+    assert_eq!(
+        runs_per_step(&db).await,
+        vec![("s1".into(), 1), ("s3".into(), 1), ("slow".into(), 1)]
+    );
+    control_tables_clean(&db).await;
+}
+
+/// Columns, indexes and tables of schema `public`, in one string.
+async fn catalog_snapshot(db: &TestDb) -> String {
+    db.scalar_string(
+        "SELECT coalesce((SELECT string_agg(table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable || ' ' || coalesce(column_default, ''), E'\\n' ORDER BY table_name, ordinal_position)
+                          FROM information_schema.columns WHERE table_schema = 'public'), '')
+             || E'\\n--\\n' ||
+             coalesce((SELECT string_agg(indexdef, E'\\n' ORDER BY indexname) FROM pg_indexes WHERE schemaname = 'public'), '')
+             || E'\\n--\\n' ||
+             coalesce((SELECT string_agg(conname || ' ' || pg_get_constraintdef(oid), E'\\n' ORDER BY conname) FROM pg_constraint WHERE connamespace = 'public'::regnamespace), '')",
+    )
+    .await
+    .unwrap()
+}
+
+// 8: rollback of a plan stopped at a gate restores the prior schema.
+#[tokio::test]
+async fn rollback_at_a_gate_restores_the_prior_schema() {
+    let db = TestDb::create("ex_rollback").await;
+    db.exec("CREATE TABLE leads (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, email text NOT NULL); INSERT INTO leads (email) VALUES ('a@x'), ('b@x')").await;
+    let before = catalog_snapshot(&db).await;
+    let dir = work_dir("rollback");
+    let plan = write_plan(
+        &dir,
+        "rollback",
+        "id: rollback
+phases:
+  expand:
+    - name: add_col
+      sql: ALTER TABLE leads ADD COLUMN email_hash text
+      rollback: ALTER TABLE leads DROP COLUMN IF EXISTS email_hash
+    - name: add_index
+      sql: CREATE INDEX CONCURRENTLY IF NOT EXISTS leads_email_hash_idx ON leads (email_hash)
+      rollback: DROP INDEX CONCURRENTLY IF EXISTS leads_email_hash_idx
+    - name: add_table
+      sql: CREATE TABLE lead_notes (id bigint PRIMARY KEY, note text)
+      rollback: DROP TABLE IF EXISTS lead_notes
+    - name: add_check
+      sql: ALTER TABLE leads ADD CONSTRAINT leads_email_hash_len CHECK (length(email_hash) = 64) NOT VALID
+      rollback: ALTER TABLE leads DROP CONSTRAINT IF EXISTS leads_email_hash_len
+  contract:
+    - name: deployed
+      gate: Deploy the app that writes email_hash
+    - name: drop_email
+      sql: ALTER TABLE leads DROP COLUMN email
+      allow: { ban-drop-column: the test drops it after the gate }
+",
+    );
+    let f = plan.to_str().unwrap();
+    let o = run(&db, &["plan", "apply", f]);
+    expect_code(&o, 3, "apply up to the gate");
+    let during = catalog_snapshot(&db).await;
+    assert_ne!(before, during, "the plan changed nothing");
+    assert!(during.contains("email_hash") && during.contains("lead_notes"), "{during}");
+
+    let o = run(&db, &["--yes", "rollback", "rollback"]);
+    expect_code(&o, 0, "rollback at the gate");
+    let after = catalog_snapshot(&db).await;
+    assert_eq!(before, after, "rollback did not restore the schema");
+    let p = status_json(&db, "rollback");
+    assert_eq!(p["status"], "rolled_back", "{p:#}");
+    for s in ["add_col", "add_index", "add_table", "add_check"] {
+        assert_eq!(step_status(&p, s), "rolled_back", "{s}: {p:#}");
+    }
+    assert_eq!(step_status(&p, "drop_email"), "pending");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM leads").await,
+        2,
+        "rows lost"
+    );
+    control_tables_clean(&db).await;
+}
