@@ -801,3 +801,150 @@ phases:
     );
     control_tables_clean(&db).await;
 }
+
+/// The lines a hook wrote to `dir/name.log` (one per firing).
+fn hook_log(dir: &Path, name: &str) -> Vec<String> {
+    std::fs::read_to_string(dir.join(format!("{name}.log")))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// A hook command that appends its PGSHIFT_* variables to `dir/name.log` and its
+/// whole environment to `dir/name.env`.
+fn hook_cmd(dir: &Path, name: &str) -> String {
+    let d = dir.display();
+    format!(
+        "\"echo \\\"$PGSHIFT_PLAN|$PGSHIFT_PHASE|$PGSHIFT_STEP|$PGSHIFT_STATUS|$PGSHIFT_ERROR\\\" | head -c 300 | tr '\\\\n' ' ' >> {d}/{name}.log; echo >> {d}/{name}.log; env >> {d}/{name}.env\""
+    )
+}
+
+// 9: run steps and hooks.
+#[tokio::test]
+async fn run_steps_and_hooks_fire_once_with_their_environment() {
+    let db = TestDb::create("ex_hooks").await;
+    db.exec("CREATE TABLE runs (step text NOT NULL)").await;
+    let dir = work_dir("hooks");
+    let d = dir.display();
+    let h = |n: &str| hook_cmd(&dir, n);
+
+    // A failing run step: its exit code and output tail in status; on_failure fires once.
+    let failing = write_plan(
+        &dir,
+        "hooks_fail",
+        &format!(
+            "id: hooks_fail
+hooks:
+  on_failure: {}
+  on_success: {}
+  before: {{ expand: {} }}
+  after: {{ expand: {} }}
+phases:
+  expand:
+    - name: s1
+      sql: INSERT INTO runs VALUES ('s1')
+      rollback: DELETE FROM runs WHERE step = 's1'
+    - name: flip_flag
+      run: \"echo first line; echo flag service unreachable >&2; test -f {d}/ok || exit 7\"
+      rollback:
+        run: \"true\"
+",
+            h("f_on_failure"),
+            h("f_on_success"),
+            h("f_before_expand"),
+            h("f_after_expand"),
+        ),
+    );
+    let o = run(&db, &["plan", "apply", failing.to_str().unwrap()]);
+    expect_code(&o, 1, "apply with a failing run step");
+    let p = status_json(&db, "hooks_fail");
+    let s = step(&p, "flip_flag");
+    assert_eq!(s["status"], "failed", "{s:#}");
+    let err = s["last_error"].as_str().unwrap();
+    assert!(err.contains("exited with code 7"), "{err}");
+    assert!(err.contains("flag service unreachable") && err.contains("first line"), "{err}");
+    let fired = hook_log(&dir, "f_on_failure");
+    assert_eq!(fired.len(), 1, "on_failure fired {fired:?}");
+    assert!(
+        fired[0].starts_with("hooks_fail||flip_flag|failed|") || fired[0].starts_with("hooks_fail|expand|flip_flag|failed|"),
+        "{fired:?}"
+    );
+    assert!(fired[0].contains("code 7"), "PGSHIFT_ERROR lacks the failure: {fired:?}");
+    assert_eq!(hook_log(&dir, "f_before_expand"), vec!["hooks_fail|expand||running|".to_string()]);
+    assert!(hook_log(&dir, "f_after_expand").is_empty());
+    assert!(hook_log(&dir, "f_on_success").is_empty());
+
+    // A plan through a gate to the end: every hook fires once in each run.
+    let good = write_plan(
+        &dir,
+        "hooks_ok",
+        &format!(
+            "id: hooks_ok
+hooks:
+  on_gate: {}
+  on_failure: {}
+  on_success: {}
+  before: {{ expand: {}, contract: {} }}
+  after: {{ expand: {}, contract: {} }}
+phases:
+  expand:
+    - name: s1
+      sql: INSERT INTO runs VALUES ('ok1')
+      rollback: DELETE FROM runs WHERE step = 'ok1'
+    - name: notify
+      run: \"echo \\\"$PGSHIFT_PLAN/$PGSHIFT_PHASE/$PGSHIFT_STEP\\\" > {d}/run_step.out\"
+      rollback:
+        run: \"true\"
+  contract:
+    - name: deployed
+      gate: Deploy the app
+    - name: s2
+      sql: INSERT INTO runs VALUES ('ok2')
+",
+            h("on_gate"),
+            h("on_failure"),
+            h("on_success"),
+            h("before_expand"),
+            h("before_contract"),
+            h("after_expand"),
+            h("after_contract"),
+        ),
+    );
+    let g = good.to_str().unwrap();
+    expect_code(&run(&db, &["plan", "apply", g]), 3, "apply up to the gate");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("run_step.out")).unwrap().trim(),
+        "hooks_ok/expand/notify"
+    );
+    assert_eq!(hook_log(&dir, "before_expand"), vec!["hooks_ok|expand||running|"]);
+    assert_eq!(hook_log(&dir, "after_expand"), vec!["hooks_ok|expand||running|"]);
+    assert_eq!(hook_log(&dir, "before_contract"), vec!["hooks_ok|contract||running|"]);
+    assert_eq!(hook_log(&dir, "on_gate"), vec!["hooks_ok|contract|deployed|waiting|"]);
+    assert!(hook_log(&dir, "on_success").is_empty());
+
+    expect_code(&run(&db, &["--yes", "resume", g]), 0, "resume past the gate");
+    assert_eq!(hook_log(&dir, "on_gate").len(), 1, "on_gate fired again");
+    assert_eq!(hook_log(&dir, "before_expand").len(), 1, "before.expand fired again");
+    assert_eq!(hook_log(&dir, "after_expand").len(), 1, "after.expand fired again");
+    assert_eq!(hook_log(&dir, "after_contract"), vec!["hooks_ok|contract||running|"]);
+    assert_eq!(hook_log(&dir, "on_success"), vec!["hooks_ok|||succeeded|"]);
+    // `before.contract` guards the phase: it runs again when a later run re-enters it.
+    println!(
+        "before.contract fired {} times (apply to the gate + resume)",
+        hook_log(&dir, "before_contract").len()
+    );
+    assert!(hook_log(&dir, "on_failure").is_empty());
+
+    // No hook saw the password or DATABASE_URL.
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "env" || e == "log" || e == "out") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            no_secret(&path.display().to_string(), &text);
+            assert!(!text.contains("DATABASE_URL"), "{}: {text}", path.display());
+        }
+    }
+    assert!(dir.join("on_gate.env").exists());
+    control_tables_clean(&db).await;
+}
