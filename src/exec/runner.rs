@@ -128,12 +128,14 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
             Error::Step { step, .. } | Error::Failed { step, .. } => step.clone(),
             _ => String::new(),
         };
+        // The failed step's phase (none for a failed phase hook, whose name is not a step).
+        let phase = plan.steps.iter().find(|s| s.name == step).map(|s| s.phase);
         hooks(
             cx,
             plan,
             &plan.hooks.on_failure,
             "on_failure",
-            None,
+            phase,
             Some(&step),
             "failed",
             Some(&e.to_string()),
