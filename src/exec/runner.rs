@@ -69,6 +69,13 @@ pub async fn lock(cx: &Context, plan_id: &str) -> Result<Held, Error> {
             .lock_holder(&conn, plan_id)
             .await?
             .unwrap_or_else(|| "a runner whose session could not be identified".into());
+        // The session alone names a backend; the recorded runner names the person and process.
+        let holder = match cx.control.plan_row(&conn, plan_id).await {
+            Ok(Some(row)) if row.runner.is_some() => {
+                format!("{} (session {holder})", row.runner.unwrap_or_default())
+            }
+            _ => holder,
+        };
         return Err(Error::LockHeld {
             plan: plan_id.to_string(),
             holder,
