@@ -550,6 +550,12 @@ phases:
         err.contains(&format!("pid {holder_pid}")),
         "stderr does not name the holder (backend pid {holder_pid}):\n{err}"
     );
+    // …and the process: user@host and the first runner's own pid.
+    assert!(
+        err.contains(&format!("pid {}", first.id())),
+        "stderr does not name the holding process (pid {}):\n{err}",
+        first.id()
+    );
     println!("second runner said: {}", err.trim());
     let resume = run(&db, &["--yes", "resume", f]);
     expect_code(&resume, 4, "resume of a running plan");
