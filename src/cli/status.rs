@@ -31,30 +31,22 @@ pub async fn print(
         None => cx.control.plans(&c).await?,
     };
     let mut out = Vec::new();
-    let mut plans = plans;
-    for p in plans.iter_mut() {
-        // A runner recorded but not holding the lock was killed: say so, not "running".
-        if p.runner.is_some() && cx.control.lock_holder(&c, &p.id).await?.is_none() {
-            p.runner = None;
-            if p.status == status::RUNNING {
-                p.status = status::INTERRUPTED.to_string();
-            }
-        }
-    }
     for p in &plans {
         let steps = cx.control.steps(&c, &p.id).await?;
+        // A recorded runner whose lock is gone crashed or was killed (kill -9, lost host).
+        let alive = p.runner.is_some() && cx.control.lock_holder(&c, &p.id).await?.is_some();
         let evs = if events {
             Some(cx.control.events(&c, &p.id).await?)
         } else {
             None
         };
-        out.push((p, steps, evs));
+        out.push((p, steps, evs, alive));
     }
     match format {
         StatusFormat::Json => {
             let plans: Vec<Json> = out
                 .iter()
-                .map(|(p, steps, evs)| plan_json(p, steps, evs.as_deref()))
+                .map(|(p, steps, evs, alive)| plan_json(p, steps, evs.as_deref(), *alive))
                 .collect();
             println!(
                 "{}",
@@ -71,7 +63,7 @@ pub async fn print(
                     cx.control.schema
                 );
             }
-            for (p, steps, evs) in &out {
+            for (p, steps, evs, alive) in &out {
                 if plan.is_none() {
                     let done = steps
                         .iter()
@@ -86,7 +78,7 @@ pub async fn print(
                     );
                     continue;
                 }
-                print_plan(p, steps);
+                print_plan(p, steps, *alive);
                 if let Some(evs) = evs {
                     println!("\nevents:");
                     for (at, step, event, detail) in evs.iter() {
@@ -113,7 +105,7 @@ fn rate(s: &StepRow) -> Option<f64> {
     }
 }
 
-fn print_plan(p: &PlanRow, steps: &[StepRow]) {
+fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
     println!(
         "plan {}  status {}  checksum {}",
         p.id,
@@ -124,8 +116,10 @@ fn print_plan(p: &PlanRow, steps: &[StepRow]) {
         "  file {}\n  started {} by {}",
         p.file, p.started_at, p.applied_by
     );
-    if let Some(r) = &p.runner {
-        println!("  running now: {r}");
+    match &p.runner {
+        Some(r) if alive => println!("  running now: {r}"),
+        Some(r) => println!("  last runner: {r} (gone: it no longer holds the plan's lock)"),
+        None => {}
     }
     println!(
         "\n  {:>2}  {:<10} {:<28} {:<12} {:<11} {:>3} {:>9}  rows",
@@ -152,32 +146,42 @@ fn print_plan(p: &PlanRow, steps: &[StepRow]) {
             s.attempts,
             time
         );
-        if let Some(e) = &s.last_error
-            && s.status != status::SUCCEEDED
-        {
-            let state = s
-                .last_sqlstate
-                .as_deref()
-                .map(|x| format!(" [SQLSTATE {x}]"))
-                .unwrap_or_default();
-            println!(
-                "      last error{state}: {}",
-                e.lines().next().unwrap_or("")
-            );
+        if let Some(e) = &s.last_error {
+            if s.status != status::SUCCEEDED {
+                let state = s
+                    .last_sqlstate
+                    .as_deref()
+                    .map(|x| format!(" [SQLSTATE {x}]"))
+                    .unwrap_or_default();
+                println!(
+                    "      last error{state}: {}",
+                    e.lines().next().unwrap_or("")
+                );
+            }
         }
         if s.overrides.as_object().is_some_and(|o| !o.is_empty()) {
             println!("      operator overrides: {}", s.overrides);
         }
     }
-    println!("\nnext: {}", next_command(p, steps));
+    println!("\nnext: {}", next_command(p, steps, alive));
 }
 
-/// The command an operator most likely runs next.
-pub fn next_command(p: &PlanRow, steps: &[StepRow]) -> String {
-    if p.runner.is_some() && p.status == status::RUNNING {
+/// The command an operator most likely runs next. `alive`: a runner holds the plan's lock now.
+pub fn next_command(p: &PlanRow, steps: &[StepRow], alive: bool) -> String {
+    if alive {
         return format!(
             "it is running; watch it with `pgshift status {}` (retune with `pgshift throttle {}`)",
             p.id, p.id
+        );
+    }
+    if p.status == status::RUNNING {
+        return format!(
+            "its runner{} stopped without recording it (killed or crashed); continue with `pgshift resume {}`",
+            p.runner
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
+            p.id
         );
     }
     match p.status.as_str() {
@@ -209,7 +213,12 @@ pub fn next_command(p: &PlanRow, steps: &[StepRow]) -> String {
     }
 }
 
-fn plan_json(p: &PlanRow, steps: &[StepRow], events: Option<&[EventRow]>) -> Json {
+fn plan_json(
+    p: &PlanRow,
+    steps: &[StepRow],
+    events: Option<&[EventRow]>,
+    alive: bool,
+) -> Json {
     let mut v = json!({
         "id": p.id,
         "status": p.status,
@@ -217,9 +226,10 @@ fn plan_json(p: &PlanRow, steps: &[StepRow], events: Option<&[EventRow]>) -> Jso
         "file": p.file,
         "applied_by": p.applied_by,
         "runner": p.runner,
+        "runner_alive": alive,
         "started_at": p.started_at,
         "updated_at": p.updated_at,
-        "next": next_command(p, steps),
+        "next": next_command(p, steps, alive),
         "steps": steps.iter().map(|s| json!({
             "position": s.position + 1,
             "phase": s.phase,
