@@ -377,6 +377,20 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
                 let _ = child.wait();
                 kills += 1;
                 killed_here += 1;
+                if killed_here == 1 {
+                    // Once the killed runner's backend is gone, status must not claim it runs.
+                    wait_until(
+                        &db,
+                        "SELECT NOT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+                        Duration::from_secs(10),
+                    )
+                    .await;
+                    let p = status_json(&db, "crashy");
+                    if p["status"] == "running" {
+                        assert_eq!(p["runner_alive"], false, "{p:#}");
+                        assert!(p["next"].as_str().unwrap().contains("resume"), "{p:#}");
+                    }
+                }
                 first = false;
                 continue;
             }
@@ -537,12 +551,15 @@ phases:
     let holder_pid: i32 = db
         .client
         .query_one(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted",
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND granted",
             &[],
         )
         .await
         .unwrap()
         .get(0);
+    let p = status_json(&db, "two_runners");
+    assert_eq!(p["runner_alive"], true, "{p:#}");
+    assert!(p["next"].as_str().unwrap().contains("running"), "{p:#}");
     let second = run(&db, &["plan", "apply", f]);
     expect_code(&second, 4, "second apply of a running plan");
     let err = stderr(&second);
