@@ -395,6 +395,7 @@ impl Control {
                         to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ')
                  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                    AND ((l.classid::bigint << 32) | l.objid::bigint) = (hashtextextended($1, 0) & x'ffffffffffffffff'::bigint)",
                 &[&self.lock_name(plan)],
             )
