@@ -385,7 +385,16 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
                         Duration::from_secs(10),
                     )
                     .await;
-                    let p = status_json(&db, "crashy");
+                    // (Killed before it registered the plan: nothing to show yet.)
+                    let registered = db
+                        .scalar_i64("SELECT count(*) FROM pg_namespace n WHERE nspname = 'pgshift'")
+                        .await
+                        == 1
+                        && db
+                            .scalar_i64("SELECT count(*) FROM pgshift.plans WHERE id = 'crashy'")
+                            .await
+                            == 1;
+                    let p = if registered { status_json(&db, "crashy") } else { Json::Null };
                     if p["status"] == "running" {
                         assert_eq!(p["runner_alive"], false, "{p:#}");
                         assert!(p["next"].as_str().unwrap().contains("resume"), "{p:#}");
