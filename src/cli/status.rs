@@ -213,12 +213,7 @@ pub fn next_command(p: &PlanRow, steps: &[StepRow], alive: bool) -> String {
     }
 }
 
-fn plan_json(
-    p: &PlanRow,
-    steps: &[StepRow],
-    events: Option<&[EventRow]>,
-    alive: bool,
-) -> Json {
+fn plan_json(p: &PlanRow, steps: &[StepRow], events: Option<&[EventRow]>, alive: bool) -> Json {
     let mut v = json!({
         "id": p.id,
         "status": p.status,

@@ -117,11 +117,12 @@ pub async fn run(
         Some(s) => s.code(),
         None => {
             if let Some(pid) = pid {
-                // SAFETY-free: a plain kill(2) of the process group we created.
-                let _ = std::process::Command::new("kill")
-                    .arg("-KILL")
-                    .arg(format!("-{pid}"))
-                    .status();
+                // The child leads its own process group (process_group(0) above), so a
+                // negative pid reaches `sh` and everything it started.
+                // SAFETY: kill(2) has no memory effects; the worst a stale pid can do is fail.
+                unsafe {
+                    libc::kill(-(pid as i32), libc::SIGKILL);
+                }
             }
             let _ = child.kill().await;
             None
