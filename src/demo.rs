@@ -59,7 +59,7 @@ pub fn run(g: &Global, fresh: bool, leads: u32) -> Exit {
                 }
             }
         };
-        let code = match demo(g, &server, fresh, leads).await {
+        let code = match demo(g, &server, fresh, leads, throwaway.is_some()).await {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -71,7 +71,13 @@ pub fn run(g: &Global, fresh: bool, leads: u32) -> Exit {
     })
 }
 
-async fn demo(g: &Global, server: &str, fresh: bool, leads: u32) -> Result<Exit, exec::Error> {
+async fn demo(
+    g: &Global,
+    server: &str,
+    fresh: bool,
+    leads: u32,
+    throwaway: bool,
+) -> Result<Exit, exec::Error> {
     let started = Instant::now();
     let server = db::Target::parse(server)?;
     let admin = db::connect(&server).await?;
@@ -191,12 +197,19 @@ async fn demo(g: &Global, server: &str, fresh: bool, leads: u32) -> Result<Exit,
         "  2. {hashed} of {total} leads carry the right email_hash; the backfill updated {backfilled} rows in {:.1}s, with {retries} lock retries",
         took.as_secs_f64()
     );
-    println!(
-        "  3. try `pgshift status --database-url {} {}`, or `pgshift rollback` on a plan of your own; total demo time {:.1}s",
-        target.display,
-        p2.id,
-        started.elapsed().as_secs_f64()
-    );
+    if throwaway {
+        println!(
+            "  3. the throwaway server goes away now; run the demo with a server of your own to keep the result and explore it with `pgshift status` ({:.1}s in all)",
+            started.elapsed().as_secs_f64()
+        );
+    } else {
+        println!(
+            "  3. look closer with `pgshift status --events --database-url {} {}`; the walkthrough in README.md explains each step ({:.1}s in all)",
+            target.display,
+            p2.id,
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(Exit::Ok)
 }
 

@@ -4,6 +4,7 @@ mod backfill;
 mod clarivum;
 mod cluster;
 mod corpus;
+mod demo;
 mod executor;
 mod harness;
 mod plan;

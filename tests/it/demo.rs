@@ -1,0 +1,62 @@
+//! `pgshift demo`, the README's main-job command: on the default server, and on
+//! a throwaway cluster when no server answers.
+
+use crate::harness::*;
+
+/// With the server at hand (the tests' DATABASE_URL): the demo runs to its summary.
+#[test]
+fn demo_runs_to_the_end_on_the_server() {
+    let o = pgshift_with_env(
+        &["--progress", "never", "demo", "--fresh", "--leads", "3000"],
+        &[("DATABASE_URL", &server_url())],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("3000 of 3000 leads carry the right email_hash"),
+        "{out}"
+    );
+    assert!(
+        stderr(&o).contains("passed by pgshift demo, on the operator's behalf"),
+        "{}",
+        stderr(&o)
+    );
+    // A second run reuses the database and finds both plans done.
+    let o = pgshift_with_env(
+        &["--progress", "never", "demo", "--leads", "3000"],
+        &[("DATABASE_URL", &server_url())],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("has already succeeded"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// No DATABASE_URL and nothing at 127.0.0.1:5432 (a network namespace of its own,
+/// where the loopback has no server): the demo starts and removes a throwaway cluster.
+#[test]
+fn demo_starts_a_throwaway_server_when_none_answers() {
+    let script = format!(
+        "ip link set lo up && exec {} --progress never demo --leads 2000",
+        bin().display()
+    );
+    let o = std::process::Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run unshare");
+    let err = stderr(&o);
+    assert!(
+        !err.contains("unshare failed") && !err.contains("Operation not permitted"),
+        "this test needs `unshare -n` (root, or user namespaces) to hide the local server: {err}"
+    );
+    assert_eq!(o.status.code(), Some(0), "{}\n{err}", stdout(&o));
+    assert!(err.contains("started a throwaway PostgreSQL"), "{err}");
+    assert!(
+        stdout(&o).contains("2000 of 2000 leads carry the right email_hash"),
+        "{}",
+        stdout(&o)
+    );
+}
