@@ -230,7 +230,10 @@ fn write_plans() -> Result<Vec<PathBuf>, exec::Error> {
         ("0002_leads_email_hash.yaml", PLAN_0002),
     ] {
         let p = dir.join(name);
-        std::fs::write(&p, text)
+        // Write beside and rename: a second demo running at the same time never reads a half-written plan.
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, &p))
             .map_err(|e| exec::Error::Usage(format!("cannot write {}: {e}", p.display())))?;
         out.push(p);
     }
