@@ -1,5 +1,5 @@
 //! `pgshift status`: plans and steps from the control table, as a table or as
-//! JSON (a stable format that scripts and monitoring read; see docs/status-json.md).
+//! JSON (a stable format that scripts and monitoring read; the README documents it).
 
 use serde_json::{Value as Json, json};
 
@@ -125,7 +125,14 @@ fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
         "\n  {:>2}  {:<10} {:<28} {:<12} {:<11} {:>3} {:>9}  rows",
         "#", "phase", "step", "kind", "status", "try", "time"
     );
+    let no_return = point_of_no_return(p);
     for s in steps {
+        if no_return.as_deref() == Some(s.name.as_str()) {
+            println!(
+                "      -- point of no return: `{}` has no rollback; past it `pgshift rollback` cannot undo the plan --",
+                s.name
+            );
+        }
         let time = s
             .duration_secs
             .map(|d| format!("{d:.1}s"))
@@ -153,10 +160,11 @@ fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
                     .as_deref()
                     .map(|x| format!(" [SQLSTATE {x}]"))
                     .unwrap_or_default();
-                println!(
-                    "      last error{state}: {}",
-                    e.lines().next().unwrap_or("")
-                );
+                let mut lines = e.lines();
+                println!("      last error{state}: {}", lines.next().unwrap_or(""));
+                for l in lines.take(12) {
+                    println!("        {l}");
+                }
             }
         }
         if s.overrides.as_object().is_some_and(|o| !o.is_empty()) {
@@ -164,6 +172,13 @@ fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
         }
     }
     println!("\nnext: {}", next_command(p, steps, alive));
+}
+
+/// The first contract step without a rollback, read from the plan file the plan started from
+/// (`None` when the file is gone, invalid, or the plan is fully reversible).
+fn point_of_no_return(p: &PlanRow) -> Option<String> {
+    let plan = crate::plan::load(std::path::Path::new(&p.file)).ok()?;
+    plan.point_of_no_return().map(|s| s.name.clone())
 }
 
 /// The command an operator most likely runs next. `alive`: a runner holds the plan's lock now.
@@ -225,6 +240,7 @@ fn plan_json(p: &PlanRow, steps: &[StepRow], events: Option<&[EventRow]>, alive:
         "started_at": p.started_at,
         "updated_at": p.updated_at,
         "next": next_command(p, steps, alive),
+        "irreversible_after": point_of_no_return(p),
         "steps": steps.iter().map(|s| json!({
             "position": s.position + 1,
             "phase": s.phase,

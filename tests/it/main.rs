@@ -8,4 +8,5 @@ mod demo;
 mod executor;
 mod harness;
 mod plan;
+mod status;
 mod trigger;

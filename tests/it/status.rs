@@ -1,0 +1,37 @@
+//! `pgshift status`: where a plan becomes irreversible, read from its plan file.
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn status_marks_the_point_of_no_return() {
+    let db = TestDb::create("status_point_of_no_return").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, old text)")
+        .await;
+    let dir = std::env::temp_dir().join(format!("pgshift-status-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("irreversible.yaml");
+    std::fs::write(
+        &file,
+        "id: irreversible\nphases:\n  expand:\n    - name: add_new\n      sql: ALTER TABLE t ADD COLUMN IF NOT EXISTS new text\n      rollback: ALTER TABLE t DROP COLUMN IF EXISTS new\n  contract:\n    - name: deployed\n      gate: deploy\n    - name: drop_old\n      sql: ALTER TABLE t DROP COLUMN old\n      allow: { ban-drop-column: \"test\" }\n",
+    )
+    .unwrap();
+    let o = db.pgshift(&[
+        "--progress",
+        "never",
+        "plan",
+        "apply",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let o = db.pgshift(&["status", "irreversible"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("point of no return: `drop_old`"),
+        "{}",
+        stdout(&o)
+    );
+    let o = db.pgshift(&["status", "irreversible", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["plans"][0]["irreversible_after"], "drop_old");
+    assert_eq!(v["plans"][0]["status"], "waiting");
+}
