@@ -9,4 +9,5 @@ mod executor;
 mod harness;
 mod plan;
 mod status;
+mod tls;
 mod trigger;
