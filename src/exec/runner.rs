@@ -295,6 +295,9 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
         if pass_gate {
             gate_passable = false;
         }
+        if matches!(step.kind, StepKind::Backfill(_)) && st == status::FAILED {
+            restart_finished_pass(cx, plan, step).await?;
+        }
         run_step(cx, plan, step, pass_gate, row).await?;
     }
     if mode == Mode::BackfillOnly {
@@ -328,6 +331,34 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
         None,
     )
     .await;
+    Ok(())
+}
+
+/// A backfill that failed after its last batch (its verify found missed rows) would,
+/// on resume, only verify again. Start a fresh pass instead: batches are idempotent,
+/// so rows already right are skipped, and the rows the fix now reaches get filled.
+async fn restart_finished_pass(cx: &Context, plan: &Plan, step: &Step) -> Result<(), Error> {
+    let c = db::get(&cx.pool, &cx.target).await?;
+    let all_done: Option<bool> = c
+        .query_one(&cx.control.sql("SELECT bool_and(done) FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2"), &[&plan.id, &step.name])
+        .await
+        .map_err(db::Error::from)?
+        .get(0);
+    if all_done == Some(true) {
+        cx.control
+            .reset_backfill_ranges(&**c, &plan.id, &step.name)
+            .await?;
+        cx.control
+            .event(
+                &**c,
+                &plan.id,
+                Some(&step.name),
+                "backfill_pass_restarted",
+                json!({"why": "the previous pass finished its range but failed verification"}),
+            )
+            .await?;
+        cx.reporter.message(&format!("`{}` finished its range last time but failed verification; starting a fresh pass (rows already right are skipped)", step.name));
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ mod demo;
 mod executor;
 mod harness;
 mod plan;
+mod regressions;
 mod status;
 mod tls;
 mod trigger;
