@@ -20,11 +20,12 @@ use squawk_syntax::{SourceFile, SyntaxKind, SyntaxNode};
 use super::*;
 
 /// pgshift's own rules.
-pub const PGSHIFT_RULES: [&str; 4] = [
+pub const PGSHIFT_RULES: [&str; 5] = [
     "scan-under-exclusive-lock",
     "backfill-without-dual-write",
     "contract-before-gate",
     "missing-rollback",
+    "drop-column-under-trigger",
 ];
 
 const MOOT: [Rule; 6] = [
@@ -451,6 +452,9 @@ fn plan_rules(plan: &Plan, step: &Step) -> Vec<Finding> {
             });
         }
     }
+    if let StepKind::Sql(body) = &step.kind {
+        out.extend(drop_column_under_trigger(plan, step, body));
+    }
     out
 }
 
@@ -529,10 +533,97 @@ mod tests {
     }
 
     #[test]
+    fn dropping_a_column_the_trigger_uses_needs_drop_trigger_first() {
+        let base = "phases:\n  expand:\n    - name: add\n      sql: ALTER TABLE c ADD COLUMN IF NOT EXISTS b text\n      rollback: ALTER TABLE c DROP COLUMN IF EXISTS b\n  dual_write:\n    - name: sync\n      trigger: { table: c, set: { b: NEW.a }, reverse: { a: NEW.b } }\n  contract:\n    - name: g\n      gate: go\n";
+        let drop = "    - name: drop_a\n      sql: ALTER TABLE c DROP COLUMN a\n      allow: { ban-drop-column: \"test\" }\n";
+        let r = rules(&format!("{base}{drop}"));
+        assert!(
+            r.contains(&"drop-column-under-trigger".to_string()),
+            "{r:?}"
+        );
+        let r = rules(&format!(
+            "{base}    - name: stop\n      drop_trigger: sync\n{drop}"
+        ));
+        assert!(
+            !r.contains(&"drop-column-under-trigger".to_string()),
+            "{r:?}"
+        );
+    }
+
+    #[test]
     fn allow_turns_a_finding_into_a_note() {
         let r = rules(
             "phases:\n  contract:\n    - name: g\n      gate: go\n    - name: c\n      sql: ALTER TABLE leads DROP COLUMN email\n      allow: { ban-drop-column: \"the app stopped reading it in v42\" }\n",
         );
         assert_eq!(r, vec!["allowed:ban-drop-column"]);
     }
+}
+
+/// `drop-column-under-trigger`: an `ALTER TABLE … DROP COLUMN` of a column that a
+/// dual-write trigger still reads or writes (no `drop_trigger` of it before this step).
+/// Either PostgreSQL refuses the drop (the trigger fires `UPDATE OF` that column), or,
+/// worse, it succeeds and every later write to the table fails inside the trigger.
+fn drop_column_under_trigger(plan: &Plan, step: &Step, body: &SqlBody) -> Vec<Finding> {
+    let file = SourceFile::parse(&body.text);
+    let mut out = Vec::new();
+    for stmt in file.tree().stmts() {
+        let node = stmt.syntax();
+        if node.kind() != SyntaxKind::ALTER_TABLE {
+            continue;
+        }
+        let Some(table) = table_of(node, SyntaxKind::TABLE_RELATION_NAME) else {
+            continue;
+        };
+        let table_name = table.rsplit('.').next().unwrap_or(&table).to_string();
+        let dropped: Vec<String> = node
+            .children()
+            .filter(|a| a.kind() == SyntaxKind::DROP_COLUMN)
+            .filter_map(|a| {
+                a.descendants()
+                    .find(|d| d.kind() == SyntaxKind::COLUMN_NAME_REF)
+            })
+            .map(|c| norm(&c.text().to_string()))
+            .collect();
+        for trig in plan.steps.iter().filter(|t| t.position < step.position) {
+            let StepKind::Trigger(spec) = &trig.kind else {
+                continue;
+            };
+            if spec.table.name.as_str() != table_name {
+                continue;
+            }
+            let removed = plan.steps.iter().any(|d| {
+                d.position > trig.position
+                    && d.position < step.position
+                    && matches!(&d.kind, StepKind::DropTrigger(x) if x.step == trig.name)
+            });
+            if removed {
+                continue;
+            }
+            let mut used: Vec<String> = spec
+                .set
+                .iter()
+                .chain(&spec.reverse)
+                .map(|(c, _)| c.as_str().to_string())
+                .collect();
+            match crate::exec::trigger::update_columns(spec) {
+                Some(cols) => used.extend(cols.iter().map(|c| c.as_str().to_string())),
+                None => used.extend(dropped.iter().cloned()),
+            }
+            for col in dropped.iter().filter(|c| used.contains(c)) {
+                let pos = statement_at(body, usize::from(node.text_range().start()))
+                    .map(|s| s.pos)
+                    .unwrap_or(step.pos);
+                out.push(Finding {
+                    pos,
+                    rule: "drop-column-under-trigger".into(),
+                    message: format!(
+                        "drops column `{col}` of `{table}` while the dual-write trigger of step `{}` still uses it: PostgreSQL either refuses the drop, or accepts it and every later write to `{table}` fails inside the trigger",
+                        trig.name
+                    ),
+                    help: Some(format!("add a step `drop_trigger: {}` before this one", trig.name)),
+                });
+            }
+        }
+    }
+    out
 }

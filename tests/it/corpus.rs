@@ -196,6 +196,13 @@ const CORPUS: &[Expect] = &[
         "contract step before any gate or check",
     ),
     e(
+        "lint_drop_column_under_trigger.yaml",
+        13,
+        12,
+        "drop-column-under-trigger",
+        "while the dual-write trigger of step `sync_display_name` still uses it",
+    ),
+    e(
         "lint_missing_rollback.yaml",
         3,
         7,
