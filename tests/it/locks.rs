@@ -4,8 +4,7 @@
 use crate::harness::*;
 
 /// Inside a step's transaction: lock_timeout and statement_timeout are the step's,
-/// deadlock_timeout is half the lock timeout (the role is a superuser here), and none
-/// of it leaks into the session afterwards.
+/// and deadlock_timeout is half the lock timeout (the role is a superuser here).
 #[tokio::test]
 async fn step_transactions_carry_their_own_timeouts() {
     let db = TestDb::create("locks_step_timeouts").await;
