@@ -9,6 +9,7 @@ mod executor;
 mod harness;
 mod locks;
 mod plan;
+mod proof;
 mod regressions;
 mod status;
 mod tls;
