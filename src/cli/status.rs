@@ -153,18 +153,18 @@ fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
             s.attempts,
             time
         );
-        if let Some(e) = &s.last_error {
-            if s.status != status::SUCCEEDED {
-                let state = s
-                    .last_sqlstate
-                    .as_deref()
-                    .map(|x| format!(" [SQLSTATE {x}]"))
-                    .unwrap_or_default();
-                let mut lines = e.lines();
-                println!("      last error{state}: {}", lines.next().unwrap_or(""));
-                for l in lines.take(12) {
-                    println!("        {l}");
-                }
+        if let Some(e) = &s.last_error
+            && s.status != status::SUCCEEDED
+        {
+            let state = s
+                .last_sqlstate
+                .as_deref()
+                .map(|x| format!(" [SQLSTATE {x}]"))
+                .unwrap_or_default();
+            let mut lines = e.lines();
+            println!("      last error{state}: {}", lines.next().unwrap_or(""));
+            for l in lines.take(12) {
+                println!("        {l}");
             }
         }
         if s.overrides.as_object().is_some_and(|o| !o.is_empty()) {
