@@ -6,5 +6,6 @@ mod cluster;
 mod corpus;
 mod executor;
 mod harness;
+mod hostile;
 mod plan;
 mod trigger;
