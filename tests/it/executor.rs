@@ -18,16 +18,16 @@ const SECRET: &str = "s3cretpw";
 
 /// The test database's URL with a password in it.
 fn secret_url(db: &TestDb) -> String {
-    let u = db.url.replacen("postgres@", &format!("postgres:{SECRET}@"), 1);
+    let u = db
+        .url
+        .replacen("postgres@", &format!("postgres:{SECRET}@"), 1);
     assert!(u.contains(SECRET), "cannot put a password into {}", db.url);
     u
 }
 
 /// A directory of its own for one test's plan files and hook outputs.
 fn work_dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir()
-        .join("pgshift-exectests")
-        .join(test);
+    let d = std::env::temp_dir().join("pgshift-exectests").join(test);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -127,7 +127,10 @@ fn step<'a>(plan: &'a Json, name: &str) -> &'a Json {
 }
 
 fn step_status(plan: &Json, name: &str) -> String {
-    step(plan, name)["status"].as_str().unwrap_or("").to_string()
+    step(plan, name)["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 fn events_named(plan: &Json, event: &str) -> Vec<Json> {
@@ -342,7 +345,8 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
     let seed = seed();
     println!("kill -9 test seed: {seed} (rerun with PGSHIFT_TEST_SEED={seed})");
     let mut rng = Rng(seed);
-    let setup = "CREATE TABLE runs (step text NOT NULL); CREATE TABLE items (id bigint PRIMARY KEY)";
+    let setup =
+        "CREATE TABLE runs (step text NOT NULL); CREATE TABLE items (id bigint PRIMARY KEY)";
 
     // The reference: one uninterrupted run.
     let reference = TestDb::create("ex_kill9_ref").await;
@@ -350,7 +354,11 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
     let dir = work_dir("kill9");
     let plan = twenty_steps_plan(&dir);
     let f = plan.to_str().unwrap();
-    expect_code(&run(&reference, &["plan", "apply", f]), 0, "uninterrupted run");
+    expect_code(
+        &run(&reference, &["plan", "apply", f]),
+        0,
+        "uninterrupted run",
+    );
 
     // Campaigns: each a fresh database, killed at random instants until a run
     // finishes by itself; then checked. Until 30 kills in all.
@@ -358,7 +366,10 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
     let mut campaign = 0;
     while kills < 30 {
         campaign += 1;
-        assert!(campaign <= 12, "too few kills landed mid-plan (seed {seed})");
+        assert!(
+            campaign <= 12,
+            "too few kills landed mid-plan (seed {seed})"
+        );
         let db = TestDb::create(&format!("ex_kill9_{campaign}")).await;
         db.exec(setup).await;
         let mut first = true;
@@ -394,7 +405,11 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
                             .scalar_i64("SELECT count(*) FROM pgshift.plans WHERE id = 'crashy'")
                             .await
                             == 1;
-                    let p = if registered { status_json(&db, "crashy") } else { Json::Null };
+                    let p = if registered {
+                        status_json(&db, "crashy")
+                    } else {
+                        Json::Null
+                    };
                     if p["status"] == "running" {
                         assert_eq!(p["runner_alive"], false, "{p:#}");
                         assert!(p["next"].as_str().unwrap().contains("resume"), "{p:#}");
@@ -408,7 +423,10 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
                 Some(0) => break,
                 // The killed runner's backend may hold the plan's lock a moment longer.
                 Some(4) => std::thread::sleep(Duration::from_millis(100)),
-                c => panic!("campaign {campaign}: exit {c:?} (seed {seed})\n{}", stderr(&o)),
+                c => panic!(
+                    "campaign {campaign}: exit {c:?} (seed {seed})\n{}",
+                    stderr(&o)
+                ),
             }
             first = false;
         }
@@ -421,7 +439,10 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
             assert_eq!(*n, 1, "step {s} committed {n} times (seed {seed})");
         }
         assert_eq!(counts, runs_per_step(&reference).await);
-        assert_eq!(columns_of_items(&db).await, columns_of_items(&reference).await);
+        assert_eq!(
+            columns_of_items(&db).await,
+            columns_of_items(&reference).await
+        );
         for s in p["steps"].as_array().unwrap() {
             assert_eq!(s["status"], "succeeded", "{s:#}");
             assert_eq!(s["last_error"], Json::Null, "{s:#}");
@@ -491,7 +512,10 @@ phases:
     let added = db
         .scalar_i64("SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = 'w'")
         .await;
-    assert_eq!(added, 0, "the ALTER TABLE ran although the blocker holds its lock");
+    assert_eq!(
+        added, 0,
+        "the ALTER TABLE ran although the blocker holds its lock"
+    );
     blocker.batch_execute("COMMIT").await.unwrap();
     let o = tokio::task::spawn_blocking(move || {
         wait_output(child, Duration::from_secs(30), "apply behind a blocker")
@@ -630,7 +654,10 @@ phases:
     let o = run(&db, &["--yes", "resume", f]);
     expect_code(&o, 5, "resume of a changed plan");
     let err = stderr(&o);
-    assert!(err.contains(&recorded), "recorded checksum {recorded} not in:\n{err}");
+    assert!(
+        err.contains(&recorded),
+        "recorded checksum {recorded} not in:\n{err}"
+    );
     let checksums: std::collections::BTreeSet<&str> = err
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == ':'))
         .filter(|w| w.starts_with("sha256:") && w.len() > 20)
@@ -700,7 +727,10 @@ phases:
         .scalar_i64("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'u_x_key' AND i.indisvalid AND i.indisunique")
         .await;
     assert_eq!(valid, 1);
-    assert_eq!(step_status(&status_json(&db, "unique_cic"), "uniq_x"), "succeeded");
+    assert_eq!(
+        step_status(&status_json(&db, "unique_cic"), "uniq_x"),
+        "succeeded"
+    );
     control_tables_clean(&db).await;
 }
 
@@ -736,15 +766,20 @@ phases:
     wait_until(&db, sleeping, Duration::from_secs(10)).await;
     let t0 = Instant::now();
     signal(&child, "INT");
-    let o = tokio::task::spawn_blocking(move || wait_output(child, Duration::from_secs(10), "interrupted apply"))
-        .await
-        .unwrap();
+    let o = tokio::task::spawn_blocking(move || {
+        wait_output(child, Duration::from_secs(10), "interrupted apply")
+    })
+    .await
+    .unwrap();
     let took = t0.elapsed();
     println!("SIGINT: pgshift exited {took:?} after the signal");
     expect_code(&o, 3, "apply interrupted by SIGINT");
     assert!(took < Duration::from_secs(5), "took {took:?} to stop");
     let still: bool = db.client.query_one(sleeping, &[]).await.unwrap().get(0);
-    assert!(!still, "the statement still runs on the server after pgshift exited");
+    assert!(
+        !still,
+        "the statement still runs on the server after pgshift exited"
+    );
     assert!(stderr(&o).contains("resume"), "{}", stderr(&o));
     let p = status_json(&db, "sigint");
     assert_eq!(step_status(&p, "s1"), "succeeded");
@@ -814,7 +849,10 @@ phases:
     expect_code(&o, 3, "apply up to the gate");
     let during = catalog_snapshot(&db).await;
     assert_ne!(before, during, "the plan changed nothing");
-    assert!(during.contains("email_hash") && during.contains("lead_notes"), "{during}");
+    assert!(
+        during.contains("email_hash") && during.contains("lead_notes"),
+        "{during}"
+    );
 
     let o = run(&db, &["--yes", "rollback", "rollback"]);
     expect_code(&o, 0, "rollback at the gate");
@@ -895,15 +933,24 @@ phases:
     assert_eq!(s["status"], "failed", "{s:#}");
     let err = s["last_error"].as_str().unwrap();
     assert!(err.contains("exited with code 7"), "{err}");
-    assert!(err.contains("flag service unreachable") && err.contains("first line"), "{err}");
+    assert!(
+        err.contains("flag service unreachable") && err.contains("first line"),
+        "{err}"
+    );
     let fired = hook_log(&dir, "f_on_failure");
     assert_eq!(fired.len(), 1, "on_failure fired {fired:?}");
     assert!(
         fired[0].starts_with("hooks_fail|expand|flip_flag|failed|"),
         "{fired:?}"
     );
-    assert!(fired[0].contains("code 7"), "PGSHIFT_ERROR lacks the failure: {fired:?}");
-    assert_eq!(hook_log(&dir, "f_before_expand"), vec!["hooks_fail|expand||running|".to_string()]);
+    assert!(
+        fired[0].contains("code 7"),
+        "PGSHIFT_ERROR lacks the failure: {fired:?}"
+    );
+    assert_eq!(
+        hook_log(&dir, "f_before_expand"),
+        vec!["hooks_fail|expand||running|".to_string()]
+    );
     assert!(hook_log(&dir, "f_after_expand").is_empty());
     assert!(hook_log(&dir, "f_on_success").is_empty());
 
@@ -946,20 +993,49 @@ phases:
     let g = good.to_str().unwrap();
     expect_code(&run(&db, &["plan", "apply", g]), 3, "apply up to the gate");
     assert_eq!(
-        std::fs::read_to_string(dir.join("run_step.out")).unwrap().trim(),
+        std::fs::read_to_string(dir.join("run_step.out"))
+            .unwrap()
+            .trim(),
         "hooks_ok/expand/notify"
     );
-    assert_eq!(hook_log(&dir, "before_expand"), vec!["hooks_ok|expand||running|"]);
-    assert_eq!(hook_log(&dir, "after_expand"), vec!["hooks_ok|expand||running|"]);
-    assert_eq!(hook_log(&dir, "before_contract"), vec!["hooks_ok|contract||running|"]);
-    assert_eq!(hook_log(&dir, "on_gate"), vec!["hooks_ok|contract|deployed|waiting|"]);
+    assert_eq!(
+        hook_log(&dir, "before_expand"),
+        vec!["hooks_ok|expand||running|"]
+    );
+    assert_eq!(
+        hook_log(&dir, "after_expand"),
+        vec!["hooks_ok|expand||running|"]
+    );
+    assert_eq!(
+        hook_log(&dir, "before_contract"),
+        vec!["hooks_ok|contract||running|"]
+    );
+    assert_eq!(
+        hook_log(&dir, "on_gate"),
+        vec!["hooks_ok|contract|deployed|waiting|"]
+    );
     assert!(hook_log(&dir, "on_success").is_empty());
 
-    expect_code(&run(&db, &["--yes", "resume", g]), 0, "resume past the gate");
+    expect_code(
+        &run(&db, &["--yes", "resume", g]),
+        0,
+        "resume past the gate",
+    );
     assert_eq!(hook_log(&dir, "on_gate").len(), 1, "on_gate fired again");
-    assert_eq!(hook_log(&dir, "before_expand").len(), 1, "before.expand fired again");
-    assert_eq!(hook_log(&dir, "after_expand").len(), 1, "after.expand fired again");
-    assert_eq!(hook_log(&dir, "after_contract"), vec!["hooks_ok|contract||running|"]);
+    assert_eq!(
+        hook_log(&dir, "before_expand").len(),
+        1,
+        "before.expand fired again"
+    );
+    assert_eq!(
+        hook_log(&dir, "after_expand").len(),
+        1,
+        "after.expand fired again"
+    );
+    assert_eq!(
+        hook_log(&dir, "after_contract"),
+        vec!["hooks_ok|contract||running|"]
+    );
     assert_eq!(hook_log(&dir, "on_success"), vec!["hooks_ok|||succeeded|"]);
     // `before.contract` guards the phase: it runs again when a later run re-enters it.
     println!(
@@ -971,7 +1047,10 @@ phases:
     // No hook saw the password or DATABASE_URL.
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "env" || e == "log" || e == "out") {
+        if path
+            .extension()
+            .is_some_and(|e| e == "env" || e == "log" || e == "out")
+        {
             let text = std::fs::read_to_string(&path).unwrap();
             no_secret(&path.display().to_string(), &text);
             assert!(!text.contains("DATABASE_URL"), "{}: {text}", path.display());
