@@ -64,9 +64,19 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Quotes a string literal for SQL (standard-conforming strings: only `'` is special).
+/// Quotes a string literal for SQL.
+///
+/// Text with a backslash is written as an escape string (`E'…'`, backslashes
+/// doubled), which means the same whatever `standard_conforming_strings` is: a
+/// database or role can set it to `off`, and then a plain `'a\'` would end the
+/// literal somewhere else and let the rest of a name through as SQL.
 pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+    let quoted = text.replace('\'', "''");
+    if quoted.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
 }
 
 /// Why a name is not a valid identifier.
@@ -218,6 +228,12 @@ mod tests {
         assert!(parse_ident("email hash").is_err());
         assert!(parse_qualified("a.b.c").is_err());
         assert!(parse_ident("\"unterminated").is_err());
+    }
+
+    #[test]
+    fn backslashes_are_quoted_whatever_standard_conforming_strings_is() {
+        assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
+        assert_eq!(quote_literal("a'b"), "'a''b'");
     }
 
     #[test]

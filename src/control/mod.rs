@@ -92,7 +92,8 @@ impl Control {
                 "SELECT to_regclass($1) IS NOT NULL",
                 &[&format!("{}.events", self.quoted)],
             )
-            .await?
+            .await
+            .map_err(|e| self.no_usage(e))?
             .get(0);
         if exists {
             return self.check_version(client).await;
@@ -115,6 +116,20 @@ impl Control {
         })?;
         tx.commit().await?;
         self.check_version(client).await
+    }
+
+    /// A permission error on the schema itself (it exists, owned by another role,
+    /// and this role has no USAGE on it) in words that name the privilege.
+    fn no_usage(&self, e: tokio_postgres::Error) -> Error {
+        let err = Error::from(e);
+        if err.sqlstate() != Some("42501") {
+            return err;
+        }
+        Error::Refused(format!(
+            "cannot use the control schema `{s}`: {err}. It exists but belongs to another role, and this role has no USAGE on it; nothing was changed. Make this role its owner (`ALTER SCHEMA {q} OWNER TO <role>`), or grant it USAGE and CREATE on the schema and SELECT, INSERT, UPDATE, DELETE on its tables, or pass --control-schema naming a schema of its own",
+            s = self.schema,
+            q = self.quoted
+        ))
     }
 
     async fn check_version(&self, client: &Client) -> Result<(), Error> {

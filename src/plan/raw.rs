@@ -71,7 +71,7 @@ pub struct SyntaxError {
 /// noticeable time or memory, so an alias bomb or a file of 10,000 nested `[`
 /// fails in milliseconds with a message instead of exhausting the machine.
 pub const MAX_DEPTH: usize = 32;
-pub const MAX_NODES: usize = 100_000;
+pub const MAX_NODES: usize = 20_000;
 pub const MAX_ALIASES: usize = 1_000;
 
 /// Parses one YAML document into a positioned tree.

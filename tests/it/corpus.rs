@@ -36,7 +36,7 @@ const fn e(
 
 /// Keep in step with `tests/fixtures/plans/bad/README.md`.
 const CORPUS: &[Expect] = &[
-    e("alias_bomb.yaml", 6, 10, "yaml", "alias bomb"),
+    e("alias_bomb.yaml", 5, 15, "yaml", "alias bomb"),
     e(
         "allow_unknown_rule.yaml",
         8,

@@ -7,6 +7,7 @@ mod corpus;
 mod demo;
 mod executor;
 mod harness;
+mod hostile;
 mod locks;
 mod plan;
 mod proof;
