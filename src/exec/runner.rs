@@ -267,7 +267,22 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
                 run_hooks_strict(cx, plan, cmds, &format!("after.{prev}"), prev).await?;
             }
             phase = Some(step.phase);
-            if let Some(cmds) = plan.hooks.before.get(&step.phase) {
+            // `before` a phase fires when the phase is entered, not again on every resume inside it.
+            let entered_before = plan
+                .steps
+                .iter()
+                .filter(|s| s.phase == step.phase)
+                .any(|s| {
+                    rows.get(&s.name).is_some_and(|r| {
+                        !matches!(r.status.as_str(), status::PENDING | status::ROLLED_BACK)
+                    })
+                });
+            if let Some(cmds) = plan
+                .hooks
+                .before
+                .get(&step.phase)
+                .filter(|_| !entered_before)
+            {
                 run_hooks_strict(
                     cx,
                     plan,
