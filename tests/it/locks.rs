@@ -10,14 +10,11 @@ async fn step_transactions_carry_their_own_timeouts() {
     let db = TestDb::create("locks_step_timeouts").await;
     db.exec("CREATE TABLE seen (lock_timeout text, statement_timeout text, deadlock_timeout text)")
         .await;
-    let dir = std::env::temp_dir().join(format!("pgshift-locks-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("timeouts.yaml");
-    std::fs::write(
-        &file,
+    let file = plan_file(
+        "locks",
+        "timeouts.yaml",
         "id: timeouts\nphases:\n  expand:\n    - name: record\n      lock_timeout: 400ms\n      statement_timeout: 7s\n      sql: INSERT INTO seen SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), current_setting('deadlock_timeout')\n      rollback: DELETE FROM seen\n",
-    )
-    .unwrap();
+    );
     let o = db.pgshift(&[
         "--progress",
         "never",

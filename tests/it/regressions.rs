@@ -2,27 +2,19 @@
 
 use crate::harness::*;
 
-fn write_plan(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
 /// A backfill that failed verification finished its range; resuming after fixing the
 /// plan only re-ran the verify (and failed again) instead of making a new pass.
 #[tokio::test]
 async fn resume_after_failed_verify_makes_a_new_pass() {
     let db = TestDb::create("reg_failed_verify_new_pass").await;
     db.exec("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, h text); INSERT INTO items SELECT g, g, NULL FROM generate_series(1, 1200) g;").await;
-    let dir = std::env::temp_dir().join(format!("pgshift-reg-verify-{}", std::process::id()));
     let body = |set: &str| {
         format!(
             "id: verify_pass\nphases:\n  backfill:\n    - name: fill\n      backfill:\n        table: items\n        set: {{ {set} }}\n        where: h IS NULL OR v > 1000\n        batch_size: 500\n      allow: {{ backfill-without-dual-write: \"test table, no writers\" }}\n"
         )
     };
     // The mistake: `where` also selects v > 1000, which `set` never changes.
-    let file = write_plan(&dir, "verify_pass.yaml", &body("h: \"'x'\""));
+    let file = plan_file("reg_verify", "verify_pass.yaml", &body("h: \"'x'\""));
     let o = db.pgshift(&[
         "--progress",
         "never",
@@ -33,8 +25,8 @@ async fn resume_after_failed_verify_makes_a_new_pass() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("200 row(s) missed"), "{}", stderr(&o));
     // The fix: `set` now clears the condition for those rows too.
-    write_plan(
-        &dir,
+    plan_file(
+        "reg_verify",
         "verify_pass.yaml",
         &body("h: \"'x'\", v: \"least(v, 1000)\""),
     );

@@ -7,14 +7,11 @@ async fn status_marks_the_point_of_no_return() {
     let db = TestDb::create("status_point_of_no_return").await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, old text)")
         .await;
-    let dir = std::env::temp_dir().join(format!("pgshift-status-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("irreversible.yaml");
-    std::fs::write(
-        &file,
+    let file = plan_file(
+        "status",
+        "irreversible.yaml",
         "id: irreversible\nphases:\n  expand:\n    - name: add_new\n      sql: ALTER TABLE t ADD COLUMN IF NOT EXISTS new text\n      rollback: ALTER TABLE t DROP COLUMN IF EXISTS new\n  contract:\n    - name: deployed\n      gate: deploy\n    - name: drop_old\n      sql: ALTER TABLE t DROP COLUMN old\n      allow: { ban-drop-column: \"test\" }\n",
-    )
-    .unwrap();
+    );
     let o = db.pgshift(&[
         "--progress",
         "never",
