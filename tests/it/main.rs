@@ -7,4 +7,5 @@ mod corpus;
 mod executor;
 mod harness;
 mod plan;
+mod replica;
 mod trigger;
