@@ -126,7 +126,7 @@ impl Workload {
                     seed ^= seed << 17;
                     let id = (seed % rows as u64) as i64 + 1;
                     let t = Instant::now();
-                    if i % 2 == 0 {
+                    if i.is_multiple_of(2) {
                         c.query_opt(&read, &[&id]).await.unwrap();
                     } else {
                         c.execute(&write, &[&id, &format!("name {i}")])
