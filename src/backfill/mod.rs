@@ -929,7 +929,7 @@ async fn hold(
                 return Ok(live);
             }
             Some(why) => {
-                if st.held.as_deref() != Some(why.as_str()) {
+                if st.held.as_deref().map(hold_kind) != Some(hold_kind(&why)) {
                     sh.cx.reporter.message(&format!(
                         "step `{}` worker {}: holding: {why}",
                         sh.name(),
@@ -950,6 +950,23 @@ async fn hold(
             }
         }
     }
+}
+
+/// A hold reason without its figures, so that "replays 4.2s behind" then "replays
+/// 5.3s behind" is one hold (one event, one message), not a new one every second.
+fn hold_kind(why: &str) -> String {
+    let mut out = String::with_capacity(why.len());
+    for c in why.chars() {
+        let in_number = out.ends_with('#');
+        if c.is_ascii_digit() || (c == '.' && in_number) {
+            if !in_number {
+                out.push('#');
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// After the last batch: the plan's `verify` query, or the rows of the range
@@ -1047,4 +1064,21 @@ async fn finish(sh: &Shared, c: &impl GenericClient, verified: Option<i64>) {
         json!({"rows_done": sh.rows_done.load(Ordering::Relaxed), "verified_missed": verified}),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hold_kind;
+
+    #[test]
+    fn a_hold_whose_figure_changes_is_the_same_hold() {
+        assert_eq!(
+            hold_kind("replica r replays 4.2s behind (limit 1.0s)"),
+            hold_kind("replica r replays 13.75s behind (limit 1.0s)")
+        );
+        assert_ne!(
+            hold_kind("replica r replays 4.2s behind (limit 1.0s)"),
+            hold_kind("throttle_query returned true")
+        );
+    }
 }

@@ -183,13 +183,20 @@ impl ReadError {
 /// streaming standby with NULL lag but unreplayed WAL holds the backfill too.
 /// A role without `pg_monitor` sees NULL for every position: that is unreadable,
 /// not "no lag".
+///
+/// The other way round, `replay_lag` goes stale: it is the lag of the last WAL
+/// the standby replayed, and after a standby catches up the server keeps showing
+/// that figure (seconds, after a long pause) until two replies in a row say
+/// "fully replayed", up to `wal_receiver_status_interval` later. A standby that has
+/// replayed everything the primary has written is not behind, whatever the
+/// figure says, so it does not hold the backfill.
 async fn replica_lag(client: &Client, max: Duration) -> Result<Option<String>, ReadError> {
     let rows = client
         .query(
             "SELECT coalesce(application_name, '?') || coalesce(' at ' || host(client_addr), ''),
                     state,
                     extract(epoch FROM replay_lag)::float8,
-                    pg_wal_lsn_diff(sent_lsn, replay_lsn)::float8
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8
              FROM pg_stat_replication",
             &[],
         )
@@ -208,6 +215,8 @@ async fn replica_lag(client: &Client, max: Duration) -> Result<Option<String>, R
             )));
         };
         match (lag, gap) {
+            // Everything written has been replayed: a leftover `replay_lag` is stale.
+            (_, Some(gap)) if gap <= 0.0 => {}
             (Some(lag), _) if lag > max_secs && worst.as_ref().is_none_or(|(w, _)| lag > *w) => {
                 worst = Some((lag, name));
             }

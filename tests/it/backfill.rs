@@ -20,12 +20,12 @@ use crate::harness::*;
 
 /// A reporter that records what it is told and can cancel the run after N batches.
 #[derive(Default)]
-struct Recorder {
-    batches: AtomicUsize,
+pub(crate) struct Recorder {
+    pub(crate) batches: AtomicUsize,
     cancel_after: Option<usize>,
-    cancel: CancellationToken,
-    messages: Mutex<Vec<String>>,
-    progress: Mutex<Vec<BackfillProgress>>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) messages: Mutex<Vec<String>>,
+    pub(crate) progress: Mutex<Vec<BackfillProgress>>,
 }
 
 impl Reporter for Recorder {
@@ -48,7 +48,7 @@ impl Reporter for Recorder {
 }
 
 impl Recorder {
-    fn new() -> Arc<Recorder> {
+    pub(crate) fn new() -> Arc<Recorder> {
         Arc::new(Recorder::default())
     }
     fn cancelling_after(n: usize) -> Arc<Recorder> {
@@ -69,7 +69,7 @@ impl Recorder {
 }
 
 /// A plan with one backfill step `fill` whose body is `body` (YAML, indented 8 spaces).
-fn plan(body: &str) -> Plan {
+pub(crate) fn plan(body: &str) -> Plan {
     let indented: String = body.lines().map(|l| format!("        {l}\n")).collect();
     let yaml = format!(
         "id: bf\nphases:\n  backfill:\n    - name: fill\n      allow: {{ backfill-without-dual-write: \"test: no application writes\" }}\n      lock_timeout: 200ms\n      retries: 10\n      backfill:\n{indented}"
@@ -87,7 +87,7 @@ async fn register(db: &TestDb, plan: &Plan) {
 }
 
 /// Runs the plan's backfill step once, as the runner would.
-async fn run(
+pub(crate) async fn run(
     url: String,
     plan: Plan,
     reporter: Arc<Recorder>,
@@ -130,7 +130,7 @@ async fn items(db: &TestDb, rows: i64) {
     .await;
 }
 
-const TOUCH: &str = "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.touched := OLD.touched + 1; RETURN NEW; END $$;";
+pub(crate) const TOUCH: &str = "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.touched := OLD.touched + 1; RETURN NEW; END $$;";
 
 async fn events(db: &TestDb, event: &str) -> i64 {
     db.scalar_i64(&format!(

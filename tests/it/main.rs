@@ -12,6 +12,7 @@ mod locks;
 mod plan;
 mod proof;
 mod regressions;
+mod replica;
 mod status;
 mod tls;
 mod trigger;
