@@ -14,32 +14,32 @@ use serde_json::Value as Json;
 
 use crate::harness::*;
 
-const SECRET: &str = "s3cretpw";
+pub(crate) const SECRET: &str = "s3cretpw";
 
 /// The test database's URL with a password in it.
-fn secret_url(db: &TestDb) -> String {
-    let u = db.url.replacen("postgres@", &format!("postgres:{SECRET}@"), 1);
+pub(crate) fn secret_url(db: &TestDb) -> String {
+    let u = db
+        .url
+        .replacen("postgres@", &format!("postgres:{SECRET}@"), 1);
     assert!(u.contains(SECRET), "cannot put a password into {}", db.url);
     u
 }
 
 /// A directory of its own for one test's plan files and hook outputs.
-fn work_dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir()
-        .join("pgshift-exectests")
-        .join(test);
+pub(crate) fn work_dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join("pgshift-exectests").join(test);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
-fn write_plan(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+pub(crate) fn write_plan(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let p = dir.join(format!("{name}.yaml"));
     std::fs::write(&p, yaml).unwrap();
     p
 }
 
-fn no_secret(what: &str, text: &str) {
+pub(crate) fn no_secret(what: &str, text: &str) {
     assert!(
         !text.contains(SECRET),
         "the password appears in {what}:\n{text}"
@@ -47,7 +47,7 @@ fn no_secret(what: &str, text: &str) {
 }
 
 /// Runs pgshift with the password URL; checks the password is in neither stream.
-fn run(db: &TestDb, args: &[&str]) -> Output {
+pub(crate) fn run(db: &TestDb, args: &[&str]) -> Output {
     let url = secret_url(db);
     let o = pgshift_with_env(args, &[("DATABASE_URL", url.as_str())]);
     no_secret(&format!("stdout of {args:?}"), &stdout(&o));
@@ -55,7 +55,7 @@ fn run(db: &TestDb, args: &[&str]) -> Output {
     o
 }
 
-fn expect_code(o: &Output, code: i32, what: &str) {
+pub(crate) fn expect_code(o: &Output, code: i32, what: &str) {
     assert_eq!(
         o.status.code(),
         Some(code),
@@ -66,7 +66,7 @@ fn expect_code(o: &Output, code: i32, what: &str) {
 }
 
 /// Starts pgshift in the background (to kill or interrupt it); stdout and stderr piped.
-fn spawn(db: &TestDb, args: &[&str]) -> Child {
+pub(crate) fn spawn(db: &TestDb, args: &[&str]) -> Child {
     std::process::Command::new(bin())
         .args(args)
         .env("DATABASE_URL", secret_url(db))
@@ -79,7 +79,7 @@ fn spawn(db: &TestDb, args: &[&str]) -> Child {
 }
 
 /// Waits for a spawned run (up to `limit`), checks its output for the password.
-fn wait_output(child: Child, limit: Duration, what: &str) -> Output {
+pub(crate) fn wait_output(child: Child, limit: Duration, what: &str) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -99,7 +99,7 @@ fn wait_output(child: Child, limit: Duration, what: &str) -> Output {
     o
 }
 
-fn signal(child: &Child, sig: &str) {
+pub(crate) fn signal(child: &Child, sig: &str) {
     let ok = std::process::Command::new("kill")
         .args([&format!("-{sig}"), &child.id().to_string()])
         .status()
@@ -109,7 +109,7 @@ fn signal(child: &Child, sig: &str) {
 }
 
 /// `status PLAN --format json`, the plan's object.
-fn status_json(db: &TestDb, plan: &str) -> Json {
+pub(crate) fn status_json(db: &TestDb, plan: &str) -> Json {
     let o = run(db, &["status", plan, "--format", "json", "--events"]);
     expect_code(&o, 0, "status");
     let v: Json = serde_json::from_str(&stdout(&o))
@@ -117,7 +117,7 @@ fn status_json(db: &TestDb, plan: &str) -> Json {
     v["plans"][0].clone()
 }
 
-fn step<'a>(plan: &'a Json, name: &str) -> &'a Json {
+pub(crate) fn step<'a>(plan: &'a Json, name: &str) -> &'a Json {
     plan["steps"]
         .as_array()
         .expect("steps")
@@ -126,11 +126,14 @@ fn step<'a>(plan: &'a Json, name: &str) -> &'a Json {
         .unwrap_or_else(|| panic!("no step {name} in {plan:#}"))
 }
 
-fn step_status(plan: &Json, name: &str) -> String {
-    step(plan, name)["status"].as_str().unwrap_or("").to_string()
+pub(crate) fn step_status(plan: &Json, name: &str) -> String {
+    step(plan, name)["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
-fn events_named(plan: &Json, event: &str) -> Vec<Json> {
+pub(crate) fn events_named(plan: &Json, event: &str) -> Vec<Json> {
     plan["events"]
         .as_array()
         .map(|a| a.iter().filter(|e| e["event"] == event).cloned().collect())
@@ -138,7 +141,7 @@ fn events_named(plan: &Json, event: &str) -> Vec<Json> {
 }
 
 /// The password is in no row of the control tables.
-async fn control_tables_clean(db: &TestDb) {
+pub(crate) async fn control_tables_clean(db: &TestDb) {
     for table in ["events", "plans", "steps"] {
         let n = db
             .scalar_i64(&format!(
@@ -163,7 +166,7 @@ async fn runs_per_step(db: &TestDb) -> Vec<(String, i64)> {
 }
 
 /// Polls `sql` (a boolean query) until true, for up to `limit`.
-async fn wait_until(db: &TestDb, sql: &str, limit: Duration) {
+pub(crate) async fn wait_until(db: &TestDb, sql: &str, limit: Duration) {
     let start = Instant::now();
     loop {
         let v: bool = db.client.query_one(sql, &[]).await.unwrap().get(0);
@@ -280,10 +283,10 @@ phases:
 }
 
 /// A small seeded generator (xorshift64*), so that a failing run can be replayed.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -291,12 +294,12 @@ impl Rng {
         self.0 = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     std::env::var("PGSHIFT_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -342,7 +345,8 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
     let seed = seed();
     println!("kill -9 test seed: {seed} (rerun with PGSHIFT_TEST_SEED={seed})");
     let mut rng = Rng(seed);
-    let setup = "CREATE TABLE runs (step text NOT NULL); CREATE TABLE items (id bigint PRIMARY KEY)";
+    let setup =
+        "CREATE TABLE runs (step text NOT NULL); CREATE TABLE items (id bigint PRIMARY KEY)";
 
     // The reference: one uninterrupted run.
     let reference = TestDb::create("ex_kill9_ref").await;
@@ -350,7 +354,11 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
     let dir = work_dir("kill9");
     let plan = twenty_steps_plan(&dir);
     let f = plan.to_str().unwrap();
-    expect_code(&run(&reference, &["plan", "apply", f]), 0, "uninterrupted run");
+    expect_code(
+        &run(&reference, &["plan", "apply", f]),
+        0,
+        "uninterrupted run",
+    );
 
     // Campaigns: each a fresh database, killed at random instants until a run
     // finishes by itself; then checked. Until 30 kills in all.
@@ -358,7 +366,10 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
     let mut campaign = 0;
     while kills < 30 {
         campaign += 1;
-        assert!(campaign <= 12, "too few kills landed mid-plan (seed {seed})");
+        assert!(
+            campaign <= 12,
+            "too few kills landed mid-plan (seed {seed})"
+        );
         let db = TestDb::create(&format!("ex_kill9_{campaign}")).await;
         db.exec(setup).await;
         let mut first = true;
@@ -394,7 +405,11 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
                             .scalar_i64("SELECT count(*) FROM pgshift.plans WHERE id = 'crashy'")
                             .await
                             == 1;
-                    let p = if registered { status_json(&db, "crashy") } else { Json::Null };
+                    let p = if registered {
+                        status_json(&db, "crashy")
+                    } else {
+                        Json::Null
+                    };
                     if p["status"] == "running" {
                         assert_eq!(p["runner_alive"], false, "{p:#}");
                         assert!(p["next"].as_str().unwrap().contains("resume"), "{p:#}");
@@ -408,7 +423,10 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
                 Some(0) => break,
                 // The killed runner's backend may hold the plan's lock a moment longer.
                 Some(4) => std::thread::sleep(Duration::from_millis(100)),
-                c => panic!("campaign {campaign}: exit {c:?} (seed {seed})\n{}", stderr(&o)),
+                c => panic!(
+                    "campaign {campaign}: exit {c:?} (seed {seed})\n{}",
+                    stderr(&o)
+                ),
             }
             first = false;
         }
@@ -421,7 +439,10 @@ async fn kill_9_at_random_instants_then_resume_commits_each_step_once() {
             assert_eq!(*n, 1, "step {s} committed {n} times (seed {seed})");
         }
         assert_eq!(counts, runs_per_step(&reference).await);
-        assert_eq!(columns_of_items(&db).await, columns_of_items(&reference).await);
+        assert_eq!(
+            columns_of_items(&db).await,
+            columns_of_items(&reference).await
+        );
         for s in p["steps"].as_array().unwrap() {
             assert_eq!(s["status"], "succeeded", "{s:#}");
             assert_eq!(s["last_error"], Json::Null, "{s:#}");
@@ -491,7 +512,10 @@ phases:
     let added = db
         .scalar_i64("SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = 'w'")
         .await;
-    assert_eq!(added, 0, "the ALTER TABLE ran although the blocker holds its lock");
+    assert_eq!(
+        added, 0,
+        "the ALTER TABLE ran although the blocker holds its lock"
+    );
     blocker.batch_execute("COMMIT").await.unwrap();
     let o = tokio::task::spawn_blocking(move || {
         wait_output(child, Duration::from_secs(30), "apply behind a blocker")
@@ -630,7 +654,10 @@ phases:
     let o = run(&db, &["--yes", "resume", f]);
     expect_code(&o, 5, "resume of a changed plan");
     let err = stderr(&o);
-    assert!(err.contains(&recorded), "recorded checksum {recorded} not in:\n{err}");
+    assert!(
+        err.contains(&recorded),
+        "recorded checksum {recorded} not in:\n{err}"
+    );
     let checksums: std::collections::BTreeSet<&str> = err
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == ':'))
         .filter(|w| w.starts_with("sha256:") && w.len() > 20)
@@ -700,7 +727,10 @@ phases:
         .scalar_i64("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'u_x_key' AND i.indisvalid AND i.indisunique")
         .await;
     assert_eq!(valid, 1);
-    assert_eq!(step_status(&status_json(&db, "unique_cic"), "uniq_x"), "succeeded");
+    assert_eq!(
+        step_status(&status_json(&db, "unique_cic"), "uniq_x"),
+        "succeeded"
+    );
     control_tables_clean(&db).await;
 }
 
@@ -736,15 +766,20 @@ phases:
     wait_until(&db, sleeping, Duration::from_secs(10)).await;
     let t0 = Instant::now();
     signal(&child, "INT");
-    let o = tokio::task::spawn_blocking(move || wait_output(child, Duration::from_secs(10), "interrupted apply"))
-        .await
-        .unwrap();
+    let o = tokio::task::spawn_blocking(move || {
+        wait_output(child, Duration::from_secs(10), "interrupted apply")
+    })
+    .await
+    .unwrap();
     let took = t0.elapsed();
     println!("SIGINT: pgshift exited {took:?} after the signal");
     expect_code(&o, 3, "apply interrupted by SIGINT");
     assert!(took < Duration::from_secs(5), "took {took:?} to stop");
     let still: bool = db.client.query_one(sleeping, &[]).await.unwrap().get(0);
-    assert!(!still, "the statement still runs on the server after pgshift exited");
+    assert!(
+        !still,
+        "the statement still runs on the server after pgshift exited"
+    );
     assert!(stderr(&o).contains("resume"), "{}", stderr(&o));
     let p = status_json(&db, "sigint");
     assert_eq!(step_status(&p, "s1"), "succeeded");
@@ -763,7 +798,7 @@ phases:
 }
 
 /// Columns, indexes and tables of schema `public`, in one string.
-async fn catalog_snapshot(db: &TestDb) -> String {
+pub(crate) async fn catalog_snapshot(db: &TestDb) -> String {
     db.scalar_string(
         "SELECT coalesce((SELECT string_agg(table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable || ' ' || coalesce(column_default, ''), E'\\n' ORDER BY table_name, ordinal_position)
                           FROM information_schema.columns WHERE table_schema = 'public'), '')
@@ -814,7 +849,10 @@ phases:
     expect_code(&o, 3, "apply up to the gate");
     let during = catalog_snapshot(&db).await;
     assert_ne!(before, during, "the plan changed nothing");
-    assert!(during.contains("email_hash") && during.contains("lead_notes"), "{during}");
+    assert!(
+        during.contains("email_hash") && during.contains("lead_notes"),
+        "{during}"
+    );
 
     let o = run(&db, &["--yes", "rollback", "rollback"]);
     expect_code(&o, 0, "rollback at the gate");
@@ -895,15 +933,24 @@ phases:
     assert_eq!(s["status"], "failed", "{s:#}");
     let err = s["last_error"].as_str().unwrap();
     assert!(err.contains("exited with code 7"), "{err}");
-    assert!(err.contains("flag service unreachable") && err.contains("first line"), "{err}");
+    assert!(
+        err.contains("flag service unreachable") && err.contains("first line"),
+        "{err}"
+    );
     let fired = hook_log(&dir, "f_on_failure");
     assert_eq!(fired.len(), 1, "on_failure fired {fired:?}");
     assert!(
         fired[0].starts_with("hooks_fail|expand|flip_flag|failed|"),
         "{fired:?}"
     );
-    assert!(fired[0].contains("code 7"), "PGSHIFT_ERROR lacks the failure: {fired:?}");
-    assert_eq!(hook_log(&dir, "f_before_expand"), vec!["hooks_fail|expand||running|".to_string()]);
+    assert!(
+        fired[0].contains("code 7"),
+        "PGSHIFT_ERROR lacks the failure: {fired:?}"
+    );
+    assert_eq!(
+        hook_log(&dir, "f_before_expand"),
+        vec!["hooks_fail|expand||running|".to_string()]
+    );
     assert!(hook_log(&dir, "f_after_expand").is_empty());
     assert!(hook_log(&dir, "f_on_success").is_empty());
 
@@ -946,20 +993,49 @@ phases:
     let g = good.to_str().unwrap();
     expect_code(&run(&db, &["plan", "apply", g]), 3, "apply up to the gate");
     assert_eq!(
-        std::fs::read_to_string(dir.join("run_step.out")).unwrap().trim(),
+        std::fs::read_to_string(dir.join("run_step.out"))
+            .unwrap()
+            .trim(),
         "hooks_ok/expand/notify"
     );
-    assert_eq!(hook_log(&dir, "before_expand"), vec!["hooks_ok|expand||running|"]);
-    assert_eq!(hook_log(&dir, "after_expand"), vec!["hooks_ok|expand||running|"]);
-    assert_eq!(hook_log(&dir, "before_contract"), vec!["hooks_ok|contract||running|"]);
-    assert_eq!(hook_log(&dir, "on_gate"), vec!["hooks_ok|contract|deployed|waiting|"]);
+    assert_eq!(
+        hook_log(&dir, "before_expand"),
+        vec!["hooks_ok|expand||running|"]
+    );
+    assert_eq!(
+        hook_log(&dir, "after_expand"),
+        vec!["hooks_ok|expand||running|"]
+    );
+    assert_eq!(
+        hook_log(&dir, "before_contract"),
+        vec!["hooks_ok|contract||running|"]
+    );
+    assert_eq!(
+        hook_log(&dir, "on_gate"),
+        vec!["hooks_ok|contract|deployed|waiting|"]
+    );
     assert!(hook_log(&dir, "on_success").is_empty());
 
-    expect_code(&run(&db, &["--yes", "resume", g]), 0, "resume past the gate");
+    expect_code(
+        &run(&db, &["--yes", "resume", g]),
+        0,
+        "resume past the gate",
+    );
     assert_eq!(hook_log(&dir, "on_gate").len(), 1, "on_gate fired again");
-    assert_eq!(hook_log(&dir, "before_expand").len(), 1, "before.expand fired again");
-    assert_eq!(hook_log(&dir, "after_expand").len(), 1, "after.expand fired again");
-    assert_eq!(hook_log(&dir, "after_contract"), vec!["hooks_ok|contract||running|"]);
+    assert_eq!(
+        hook_log(&dir, "before_expand").len(),
+        1,
+        "before.expand fired again"
+    );
+    assert_eq!(
+        hook_log(&dir, "after_expand").len(),
+        1,
+        "after.expand fired again"
+    );
+    assert_eq!(
+        hook_log(&dir, "after_contract"),
+        vec!["hooks_ok|contract||running|"]
+    );
     assert_eq!(hook_log(&dir, "on_success"), vec!["hooks_ok|||succeeded|"]);
     // `before.contract` guards the phase: it runs again when a later run re-enters it.
     println!(
@@ -971,7 +1047,10 @@ phases:
     // No hook saw the password or DATABASE_URL.
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "env" || e == "log" || e == "out") {
+        if path
+            .extension()
+            .is_some_and(|e| e == "env" || e == "log" || e == "out")
+        {
             let text = std::fs::read_to_string(&path).unwrap();
             no_secret(&path.display().to_string(), &text);
             assert!(!text.contains("DATABASE_URL"), "{}: {text}", path.display());

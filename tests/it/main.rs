@@ -5,6 +5,7 @@ mod clarivum;
 mod cluster;
 mod corpus;
 mod executor;
+mod faults;
 mod harness;
 mod plan;
 mod trigger;
