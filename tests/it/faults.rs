@@ -490,6 +490,11 @@ phases:
                 db.scalar_i64(w).await == 1,
                 "step mark and its change disagree: {p:#}"
             );
+            assert!(
+                stderr(&o).contains("pgshift resume ddl_restart"),
+                "exit {code:?} without the next command:\n{}",
+                stderr(&o)
+            );
             expect_code(
                 &run(&db, &["--yes", "resume", f]),
                 0,
@@ -542,7 +547,14 @@ async fn server_restart_mid_backfill_repeats_no_batch() {
     let db = reconnected(&db).await;
     match code {
         Some(0) => {}
-        Some(3) => expect_code(&run(&db, &["--yes", "resume", f]), 0, "resume"),
+        Some(3) => {
+            assert!(
+                stderr(&o).contains("pgshift resume bf_restart"),
+                "exit 3 without the next command:\n{}",
+                stderr(&o)
+            );
+            expect_code(&run(&db, &["--yes", "resume", f]), 0, "resume")
+        }
         c => panic!("exit {c:?}\n{}", stderr(&o)),
     }
     assert_items_filled_once(&db, rows).await;
@@ -551,6 +563,63 @@ async fn server_restart_mid_backfill_repeats_no_batch() {
     assert_eq!(p["status"], "succeeded", "{p:#}");
     assert_eq!(step(&p, "fill_v")["rows_done"], rows);
     eprintln!("server fault (restart mid-backfill): {rows} rows verified, each updated once");
+}
+
+// Regression: with every pgshift backend terminated mid-backfill, the workers
+// reconnected but the runner's own connection was gone: it exited 3 with a bare
+// `error: connection closed` and no next command. Now it says to resume.
+#[tokio::test]
+async fn lost_runner_connection_mid_backfill_exits_3_and_names_the_resume_command() {
+    let db = TestDb::create("f_runner_conn_lost").await;
+    let rows = 10_000;
+    db.exec(&items_setup(rows)).await;
+    let dir = work_dir("faults_runner_conn_lost");
+    let plan = write_plan(
+        &dir,
+        "runner_conn_lost",
+        &format!(
+            "id: runner_conn_lost\nphases:\n{}",
+            items_backfill_phases(100, 2, "10ms")
+        ),
+    );
+    let f = plan.to_str().unwrap();
+    let child = spawn(&db, &["plan", "apply", f]);
+    wait_for_control(&db).await;
+    wait_until(
+        &db,
+        "SELECT coalesce((SELECT sum(batches) >= 6 FROM pgshift.backfill_ranges WHERE plan_id = 'runner_conn_lost'), false)",
+        Duration::from_secs(60),
+    )
+    .await;
+    let killed = db
+        .scalar_i64("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgshift' AND datname = current_database()")
+        .await;
+    let o = finish(
+        child,
+        Duration::from_secs(60),
+        "apply with its backends terminated",
+    )
+    .await;
+    let code = o.status.code();
+    eprintln!(
+        "server fault (pg_terminate_backend of all {killed} pgshift backends mid-backfill): exit {code:?}"
+    );
+    match code {
+        Some(0) => {}
+        Some(3) => {
+            let err = stderr(&o);
+            assert!(
+                err.contains("pgshift resume runner_conn_lost"),
+                "exit 3 without the next command:\n{err}"
+            );
+            expect_code(&run(&db, &["--yes", "resume", f]), 0, "resume");
+        }
+        c => panic!("exit {c:?}\n{}", stderr(&o)),
+    }
+    assert_items_filled_once(&db, rows).await;
+    let p = status_json(&db, "runner_conn_lost");
+    assert_eq!(p["status"], "succeeded", "{p:#}");
+    control_tables_clean(&db).await;
 }
 
 // 2c + 2d: pgshift's backend terminated mid-step, and a step hitting its
