@@ -146,18 +146,18 @@ fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
             s.attempts,
             time
         );
-        if let Some(e) = &s.last_error {
-            if s.status != status::SUCCEEDED {
-                let state = s
-                    .last_sqlstate
-                    .as_deref()
-                    .map(|x| format!(" [SQLSTATE {x}]"))
-                    .unwrap_or_default();
-                println!(
-                    "      last error{state}: {}",
-                    e.lines().next().unwrap_or("")
-                );
-            }
+        if let Some(e) = &s.last_error
+            && s.status != status::SUCCEEDED
+        {
+            let state = s
+                .last_sqlstate
+                .as_deref()
+                .map(|x| format!(" [SQLSTATE {x}]"))
+                .unwrap_or_default();
+            println!(
+                "      last error{state}: {}",
+                e.lines().next().unwrap_or("")
+            );
         }
         if s.overrides.as_object().is_some_and(|o| !o.is_empty()) {
             println!("      operator overrides: {}", s.overrides);
