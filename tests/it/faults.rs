@@ -166,6 +166,7 @@ fn items_backfill_phases(batch_size: u32, workers: u32, sleep: &str) -> String {
     - name: add_v
       sql: |
         INSERT INTO side_effects VALUES ('add_v');
+        SELECT pg_sleep(0.05);
         ALTER TABLE items ADD COLUMN v text
       rollback: ALTER TABLE items DROP COLUMN IF EXISTS v
   dual_write:
@@ -212,7 +213,7 @@ fn crash_plan(dir: &Path, name: &str) -> std::path::PathBuf {
       sql: CREATE INDEX CONCURRENTLY IF NOT EXISTS items_v_idx ON items (v)
       rollback: DROP INDEX CONCURRENTLY IF EXISTS items_v_idx
     - name: notify
-      run: \"echo fired >> {}\"
+      run: \"sleep 0.1; echo fired >> {}\"
       rollback:
         run: \"true\"
   dual_write:",
@@ -227,19 +228,71 @@ phases:
     - name: deployed
       gate: Deploy the app that reads items.v
     - name: all_filled
-      check: SELECT NOT EXISTS (SELECT FROM items WHERE v IS NULL)
+      check: SELECT NOT EXISTS (SELECT FROM items WHERE v IS NULL) FROM pg_sleep(0.05)
     - name: v_present
       sql: |
         INSERT INTO side_effects VALUES ('v_present');
+        SELECT pg_sleep(0.05);
         ALTER TABLE items ADD CONSTRAINT items_v_present CHECK (v IS NOT NULL) NOT VALID
       rollback: ALTER TABLE items DROP CONSTRAINT IF EXISTS items_v_present
     - name: v_validate
       sql: |
         INSERT INTO side_effects VALUES ('v_validate');
+        SELECT pg_sleep(0.05);
         ALTER TABLE items VALIDATE CONSTRAINT items_v_present
 "
     );
     write_plan(dir, name, &yaml)
+}
+
+async fn control_exists(db: &TestDb) -> bool {
+    db.scalar_i64("SELECT count(*) FROM pg_class WHERE oid = to_regclass('pgshift.steps')")
+        .await
+        == 1
+}
+
+/// The crash plan's steps, other than the backfill, not yet succeeded (all of
+/// them before the plan is registered).
+async fn short_steps_not_done(db: &TestDb) -> Vec<String> {
+    const SHORT: [&str; 8] = [
+        "add_v",
+        "index_v",
+        "notify",
+        "sync_v",
+        "deployed",
+        "all_filled",
+        "v_present",
+        "v_validate",
+    ];
+    if !control_exists(db).await {
+        return SHORT.map(String::from).to_vec();
+    }
+    let done: Vec<String> = db
+        .client
+        .query(
+            "SELECT name FROM pgshift.steps WHERE plan_id = 'crash' AND status = 'succeeded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    SHORT
+        .iter()
+        .filter(|s| !done.iter().any(|d| d == *s))
+        .map(|s| s.to_string())
+        .collect()
+}
+
+async fn step_running(db: &TestDb, step: &str) -> bool {
+    control_exists(db).await
+        && db
+            .scalar_i64(&format!(
+                "SELECT count(*) FROM pgshift.steps WHERE plan_id = 'crash' AND name = '{step}' AND status = 'running'"
+            ))
+            .await
+            > 0
 }
 
 /// Which step a killed runner was in (from the control table), for the figures.
@@ -348,9 +401,30 @@ async fn crash_matrix_every_step_kind_killed_at_random_instants_equals_the_refer
                 vec!["--yes", "resume", f]
             };
             let mut child = spawn(&db, &args);
-            // Half the kills early in a run (start-up, the short steps), half anywhere.
-            let limit = if rng.below(2) == 0 { 400 } else { window_ms };
-            std::thread::sleep(Duration::from_millis(rng.below(limit + 1)));
+            // A third of the kills at a random instant of the run, a third in its
+            // first 400 ms (start-up, the early steps), a third aimed: a few ms
+            // into a step (other than the backfill) picked among those not done.
+            match rng.below(3) {
+                0 => std::thread::sleep(Duration::from_millis(rng.below(window_ms + 1))),
+                1 => std::thread::sleep(Duration::from_millis(rng.below(401))),
+                _ => {
+                    // Aim at one of the steps not done yet (other than the backfill).
+                    let pending = short_steps_not_done(&db).await;
+                    if pending.is_empty() {
+                        std::thread::sleep(Duration::from_millis(rng.below(401)));
+                    } else {
+                        let target = &pending[rng.below(pending.len() as u64) as usize];
+                        let start = Instant::now();
+                        while child.try_wait().unwrap().is_none()
+                            && start.elapsed() < Duration::from_secs(20)
+                            && !step_running(&db, target).await
+                        {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        std::thread::sleep(Duration::from_millis(rng.below(30)));
+                    }
+                }
+            }
             if child.try_wait().unwrap().is_none() && kills < target_kills {
                 child.kill().unwrap(); // SIGKILL
                 let _ = child.wait();
