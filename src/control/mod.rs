@@ -412,6 +412,33 @@ impl Control {
         }))
     }
 
+    /// The runner recorded by the session that holds the plan's lock now
+    /// (`user@host pid N`). A row written before that session started is a
+    /// previous runner's (a killed runner leaves its row behind), so it is not
+    /// returned; nor is anything while the holder has not recorded itself yet.
+    pub async fn recorded_holder(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+    ) -> Result<Option<String>, Error> {
+        let row = c
+            .query_opt(
+                &self.sql(
+                    "SELECT p.runner FROM __SCHEMA__.plans p
+                     WHERE p.id = $1 AND p.runner IS NOT NULL
+                       AND p.runner_since >= (
+                           SELECT a.backend_start
+                           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                             AND ((l.classid::bigint << 32) | l.objid::bigint) = (hashtextextended($2, 0) & x'ffffffffffffffff'::bigint))",
+                ),
+                &[&plan, &self.lock_name(plan)],
+            )
+            .await?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
     /// Records who runs the plan now (`None` when the run ends).
     pub async fn set_runner(
         &self,

@@ -1071,3 +1071,54 @@ phases:
         2 * rows
     );
 }
+
+// Regression: a runner refused the lock named the process recorded in
+// `plans.runner` — which, just after another runner took the lock and before it
+// recorded itself, is a previous (killed) runner's, or nothing. Seen with five
+// runners at once. Now only a record made by the holding session is named.
+#[tokio::test]
+async fn a_killed_runners_leftover_record_is_not_named_as_the_holder() {
+    let db = TestDb::create("f_stale_runner").await;
+    db.exec("CREATE TABLE side_effects (step text NOT NULL)")
+        .await;
+    let dir = work_dir("faults_stale_runner");
+    let plan = write_plan(
+        &dir,
+        "stale",
+        "id: stale
+phases:
+  expand:
+    - name: s1
+      sql: INSERT INTO side_effects VALUES ('s1')
+      rollback: DELETE FROM side_effects WHERE step = 's1'
+",
+    );
+    let f = plan.to_str().unwrap();
+    expect_code(&run(&db, &["plan", "apply", f]), 0, "first apply");
+    // What a runner killed an hour ago leaves behind…
+    db.exec("UPDATE pgshift.plans SET runner = 'ghost@nowhere pid 999999', runner_since = now() - interval '1 hour' WHERE id = 'stale'")
+        .await;
+    // …and a session that holds the plan's lock but has not recorded itself.
+    let holder = connect(&db.url).await;
+    let pid: i32 = holder
+        .query_one(
+            "SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock(hashtextextended('pgshift/pgshift/stale', 0))) l",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let o = run(&db, &["--yes", "resume", f]);
+    expect_code(&o, 4, "resume of a held plan");
+    let err = stderr(&o);
+    assert!(!err.contains("ghost"), "named a previous runner:\n{err}");
+    assert!(err.contains(&format!("backend pid {pid}")), "{err}");
+    // Once the holder records itself, it is named.
+    holder
+        .batch_execute("UPDATE pgshift.plans SET runner = 'alive@here pid 4242', runner_since = now() WHERE id = 'stale'")
+        .await
+        .unwrap();
+    let o = run(&db, &["--yes", "resume", f]);
+    expect_code(&o, 4, "resume of a held plan");
+    assert!(stderr(&o).contains("alive@here pid 4242"), "{}", stderr(&o));
+}
