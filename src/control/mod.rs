@@ -103,6 +103,25 @@ impl Control {
             &[&self.schema],
         )
         .await?;
+        // Another runner may have created it while we waited for the lock. Running
+        // the script again would not be a no-op: `CREATE INDEX IF NOT EXISTS`
+        // takes a SHARE lock on its table before it finds the index there, and so
+        // deadlocks with a runner already writing its plan and steps. (A plain
+        // catalog query, not `to_regclass`: this transaction began before the
+        // other runner committed, and its name lookups may still use a cache that
+        // says the schema is not there; a query's snapshot is fresh.)
+        let created: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                                WHERE n.nspname = $1 AND c.relname = 'events')",
+                &[&self.schema],
+            )
+            .await?
+            .get(0);
+        if created {
+            tx.commit().await?;
+            return self.check_version(client).await;
+        }
         tx.batch_execute(&self.sql(SCHEMA_SQL)).await.map_err(|e| {
             let err = Error::from(e);
             match err.sqlstate() {

@@ -1122,3 +1122,54 @@ phases:
     expect_code(&o, 4, "resume of a held plan");
     assert!(stderr(&o).contains("alive@here pid 4242"), "{}", stderr(&o));
 }
+
+// Regression: runners started together on a database without the control schema
+// deadlocked (SQLSTATE 40P01, exit 1): one that had waited for another to create
+// the schema checked for it with a stale name cache, ran the creation script
+// again, and its `CREATE INDEX IF NOT EXISTS` took a SHARE lock on `steps` or
+// `events` while the creator was already writing its plan there. Each round uses a control schema of its own, so each starts bare.
+#[tokio::test]
+async fn runners_racing_to_create_the_control_schema_do_not_deadlock() {
+    let db = TestDb::create("f_schema_race").await;
+    db.exec("CREATE TABLE side_effects (step text NOT NULL)")
+        .await;
+    let dir = work_dir("faults_schema_race");
+    let plan = write_plan(
+        &dir,
+        "race",
+        "id: race
+phases:
+  expand:
+    - name: s1
+      sql: INSERT INTO side_effects VALUES ('s1')
+      rollback: DELETE FROM side_effects WHERE step = 's1'
+",
+    );
+    let f = plan.to_str().unwrap();
+    let rounds = if long() { 30 } else { 10 };
+    let mut refused = 0;
+    for round in 0..rounds {
+        let schema = format!("pgshift_race_{round}");
+        let children: Vec<Child> = (0..5)
+            .map(|_| spawn(&db, &["--control-schema", &schema, "plan", "apply", f]))
+            .collect();
+        let mut worked = 0;
+        for child in children {
+            let o = finish(child, Duration::from_secs(30), "racing runner").await;
+            match o.status.code() {
+                Some(0) => worked += 1,
+                Some(4) => refused += 1,
+                c => panic!("round {round}: exit {c:?}\n{}", stderr(&o)),
+            }
+        }
+        assert!(worked >= 1, "round {round}: no runner finished the plan");
+    }
+    // The step ran once per control schema, however many runners raced.
+    assert_eq!(
+        side_effects(&db).await,
+        vec![("s1".to_string(), rounds as i64)]
+    );
+    eprintln!(
+        "concurrency: {rounds} rounds of 5 runners on a bare control schema: no deadlock, {refused} exit-4 refusals"
+    );
+}
