@@ -1163,3 +1163,60 @@ phases:
         "concurrency: {rounds} rounds of 5 runners on a bare control schema: no deadlock, {refused} exit-4 refusals"
     );
 }
+
+// The runner's lock connection terminated mid-backfill while its workers carry
+// on (they reconnect), and a second runner resumes the plan at once: both may
+// work on the same ranges for a while; no batch may be applied twice.
+#[tokio::test]
+async fn lock_connection_lost_mid_backfill_and_a_second_runner_takes_over_without_repeating_a_batch()
+ {
+    let db = TestDb::create("f_takeover").await;
+    let rows = 20_000;
+    db.exec(&items_setup(rows)).await;
+    let dir = work_dir("faults_takeover");
+    let plan = write_plan(
+        &dir,
+        "takeover",
+        &format!(
+            "id: takeover\nphases:\n{}",
+            items_backfill_phases(100, 2, "10ms")
+        ),
+    );
+    let f = plan.to_str().unwrap();
+    let first = spawn(&db, &["plan", "apply", f]);
+    wait_for_control(&db).await;
+    wait_until(
+        &db,
+        "SELECT coalesce((SELECT sum(batches) >= 6 FROM pgshift.backfill_ranges WHERE plan_id = 'takeover'), false)",
+        Duration::from_secs(60),
+    )
+    .await;
+    let killed = db
+        .scalar_i64("SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+        .await;
+    assert_eq!(killed, 1, "the runner's lock connection");
+    let at_takeover = db
+        .scalar_i64("SELECT coalesce(sum(rows_done), 0)::bigint FROM pgshift.backfill_ranges WHERE plan_id = 'takeover'")
+        .await;
+    let second = spawn(&db, &["--yes", "resume", f]);
+    let o1 = finish(first, Duration::from_secs(120), "first runner").await;
+    let o2 = finish(second, Duration::from_secs(120), "second runner").await;
+    let (c1, c2) = (o1.status.code(), o2.status.code());
+    eprintln!(
+        "server fault (lock connection terminated mid-backfill at {at_takeover} rows, second runner resumes at once): first exit {c1:?}, second exit {c2:?}"
+    );
+    for (o, c) in [(&o1, c1), (&o2, c2)] {
+        assert!(
+            matches!(c, Some(0) | Some(3) | Some(4)),
+            "exit {c:?}\n{}",
+            stderr(o)
+        );
+    }
+    if c1 != Some(0) && c2 != Some(0) {
+        expect_code(&run(&db, &["--yes", "resume", f]), 0, "resume");
+    }
+    assert_items_filled_once(&db, rows).await;
+    let p = status_json(&db, "takeover");
+    assert_eq!(p["status"], "succeeded", "{p:#}");
+    assert_eq!(step(&p, "fill_v")["rows_done"], rows);
+}
