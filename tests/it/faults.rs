@@ -6,9 +6,12 @@
 //!   backfill batch committed twice.
 //! - **Server faults** on a private cluster: a restart while a DDL waits out its
 //!   lock retries, a restart mid-backfill, `pg_terminate_backend` of pgshift's
-//!   backend mid-step, a step hitting its `statement_timeout`.
-//! - **Concurrency**: five runners of one plan at once, `throttle`/`status`
-//!   hammering the control table during a backfill, two plans on two tables at once.
+//!   backend mid-step, a step hitting its `statement_timeout`, every pgshift
+//!   backend terminated mid-backfill, the lock connection terminated while a
+//!   second runner takes over.
+//! - **Concurrency**: five runners of one plan at once (and rounds of five racing
+//!   to create a bare control schema), `throttle`/`status` hammering the control
+//!   table during a backfill, two plans on two tables at once.
 //!
 //! The default sizes keep this file within a few minutes on a busy 2-core
 //! machine. `PGSHIFT_LONG=1` runs the long version (100 kills instead of 25, more
