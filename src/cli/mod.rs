@@ -690,6 +690,16 @@ fn finish(plan: &str, r: Result<(), exec::Error>) -> Result<Exit, exec::Error> {
             );
             Ok(Exit::Resumable)
         }
+        // The runner's own connection (the one holding the plan's lock and writing
+        // the control table) was lost between steps or after a backfill's workers
+        // reconnected: nothing is half-done, the plan continues where it stopped.
+        Err(exec::Error::Db(e)) if e.is_connection_lost() => {
+            eprintln!(
+                "error: lost the connection to the database ({e}); plan `{plan}` stopped, and every step that committed is recorded"
+            );
+            eprintln!("once the server answers again, continue with: pgshift resume {plan}");
+            Ok(Exit::Resumable)
+        }
         Err(e) => {
             let code = report_error(&e);
             let next = match &e {

@@ -104,6 +104,25 @@ impl Control {
             &[&self.schema],
         )
         .await?;
+        // Another runner may have created it while we waited for the lock. Running
+        // the script again would not be a no-op: `CREATE INDEX IF NOT EXISTS`
+        // takes a SHARE lock on its table before it finds the index there, and so
+        // deadlocks with a runner already writing its plan and steps. (A plain
+        // catalog query, not `to_regclass`: this transaction began before the
+        // other runner committed, and its name lookups may still use a cache that
+        // says the schema is not there; a query's snapshot is fresh.)
+        let created: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                                WHERE n.nspname = $1 AND c.relname = 'events')",
+                &[&self.schema],
+            )
+            .await?
+            .get(0);
+        if created {
+            tx.commit().await?;
+            return self.check_version(client).await;
+        }
         tx.batch_execute(&self.sql(SCHEMA_SQL)).await.map_err(|e| {
             let err = Error::from(e);
             match err.sqlstate() {
@@ -425,6 +444,33 @@ impl Control {
                 "{user}@{addr} (backend pid {pid}, application `{app}`), connected since {since}"
             )
         }))
+    }
+
+    /// The runner recorded by the session that holds the plan's lock now
+    /// (`user@host pid N`). A row written before that session started is a
+    /// previous runner's (a killed runner leaves its row behind), so it is not
+    /// returned; nor is anything while the holder has not recorded itself yet.
+    pub async fn recorded_holder(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+    ) -> Result<Option<String>, Error> {
+        let row = c
+            .query_opt(
+                &self.sql(
+                    "SELECT p.runner FROM __SCHEMA__.plans p
+                     WHERE p.id = $1 AND p.runner IS NOT NULL
+                       AND p.runner_since >= (
+                           SELECT a.backend_start
+                           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                             AND ((l.classid::bigint << 32) | l.objid::bigint) = (hashtextextended($2, 0) & x'ffffffffffffffff'::bigint))",
+                ),
+                &[&plan, &self.lock_name(plan)],
+            )
+            .await?;
+        Ok(row.and_then(|r| r.get(0)))
     }
 
     /// Records who runs the plan now (`None` when the run ends).

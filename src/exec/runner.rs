@@ -2,6 +2,7 @@
 //! the first one not succeeded; and the same machinery backwards for rollback.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use serde_json::json;
 use tokio_postgres::Client;
@@ -69,12 +70,21 @@ pub async fn lock(cx: &Context, plan_id: &str) -> Result<Held, Error> {
             .lock_holder(&conn, plan_id)
             .await?
             .unwrap_or_else(|| "a runner whose session could not be identified".into());
-        // The session alone names a backend; the recorded runner names the person and process.
-        let holder = match cx.control.plan_row(&conn, plan_id).await {
-            Ok(Some(row)) if row.runner.is_some() => {
-                format!("{} (session {holder})", row.runner.unwrap_or_default())
+        // The session alone names a backend; the recorded runner names the person
+        // and process. A holder that has just taken the lock records itself a
+        // moment later (and until then the row may still name a killed runner):
+        // wait a little for its own record rather than name the wrong process.
+        let mut recorded = None;
+        for _ in 0..40 {
+            recorded = cx.control.recorded_holder(&conn, plan_id).await?;
+            if recorded.is_some() || cx.control.lock_holder(&conn, plan_id).await?.is_none() {
+                break;
             }
-            _ => holder,
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let holder = match recorded {
+            Some(runner) => format!("{runner} (session {holder})"),
+            None => holder,
         };
         return Err(Error::LockHeld {
             plan: plan_id.to_string(),

@@ -14,10 +14,10 @@ use serde_json::Value as Json;
 
 use crate::harness::*;
 
-const SECRET: &str = "s3cretpw";
+pub(crate) const SECRET: &str = "s3cretpw";
 
 /// The test database's URL with a password in it.
-fn secret_url(db: &TestDb) -> String {
+pub(crate) fn secret_url(db: &TestDb) -> String {
     let u = db
         .url
         .replacen("postgres@", &format!("postgres:{SECRET}@"), 1);
@@ -26,20 +26,20 @@ fn secret_url(db: &TestDb) -> String {
 }
 
 /// A directory of its own for one test's plan files and hook outputs.
-fn work_dir(test: &str) -> PathBuf {
+pub(crate) fn work_dir(test: &str) -> PathBuf {
     let d = std::env::temp_dir().join("pgshift-exectests").join(test);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
-fn write_plan(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+pub(crate) fn write_plan(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let p = dir.join(format!("{name}.yaml"));
     std::fs::write(&p, yaml).unwrap();
     p
 }
 
-fn no_secret(what: &str, text: &str) {
+pub(crate) fn no_secret(what: &str, text: &str) {
     assert!(
         !text.contains(SECRET),
         "the password appears in {what}:\n{text}"
@@ -47,7 +47,7 @@ fn no_secret(what: &str, text: &str) {
 }
 
 /// Runs pgshift with the password URL; checks the password is in neither stream.
-fn run(db: &TestDb, args: &[&str]) -> Output {
+pub(crate) fn run(db: &TestDb, args: &[&str]) -> Output {
     let url = secret_url(db);
     let o = pgshift_with_env(args, &[("DATABASE_URL", url.as_str())]);
     no_secret(&format!("stdout of {args:?}"), &stdout(&o));
@@ -55,7 +55,7 @@ fn run(db: &TestDb, args: &[&str]) -> Output {
     o
 }
 
-fn expect_code(o: &Output, code: i32, what: &str) {
+pub(crate) fn expect_code(o: &Output, code: i32, what: &str) {
     assert_eq!(
         o.status.code(),
         Some(code),
@@ -66,7 +66,7 @@ fn expect_code(o: &Output, code: i32, what: &str) {
 }
 
 /// Starts pgshift in the background (to kill or interrupt it); stdout and stderr piped.
-fn spawn(db: &TestDb, args: &[&str]) -> Child {
+pub(crate) fn spawn(db: &TestDb, args: &[&str]) -> Child {
     std::process::Command::new(bin())
         .args(args)
         .env("DATABASE_URL", secret_url(db))
@@ -79,7 +79,7 @@ fn spawn(db: &TestDb, args: &[&str]) -> Child {
 }
 
 /// Waits for a spawned run (up to `limit`), checks its output for the password.
-fn wait_output(child: Child, limit: Duration, what: &str) -> Output {
+pub(crate) fn wait_output(child: Child, limit: Duration, what: &str) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -99,7 +99,7 @@ fn wait_output(child: Child, limit: Duration, what: &str) -> Output {
     o
 }
 
-fn signal(child: &Child, sig: &str) {
+pub(crate) fn signal(child: &Child, sig: &str) {
     let ok = std::process::Command::new("kill")
         .args([&format!("-{sig}"), &child.id().to_string()])
         .status()
@@ -109,7 +109,7 @@ fn signal(child: &Child, sig: &str) {
 }
 
 /// `status PLAN --format json`, the plan's object.
-fn status_json(db: &TestDb, plan: &str) -> Json {
+pub(crate) fn status_json(db: &TestDb, plan: &str) -> Json {
     let o = run(db, &["status", plan, "--format", "json", "--events"]);
     expect_code(&o, 0, "status");
     let v: Json = serde_json::from_str(&stdout(&o))
@@ -117,7 +117,7 @@ fn status_json(db: &TestDb, plan: &str) -> Json {
     v["plans"][0].clone()
 }
 
-fn step<'a>(plan: &'a Json, name: &str) -> &'a Json {
+pub(crate) fn step<'a>(plan: &'a Json, name: &str) -> &'a Json {
     plan["steps"]
         .as_array()
         .expect("steps")
@@ -126,14 +126,14 @@ fn step<'a>(plan: &'a Json, name: &str) -> &'a Json {
         .unwrap_or_else(|| panic!("no step {name} in {plan:#}"))
 }
 
-fn step_status(plan: &Json, name: &str) -> String {
+pub(crate) fn step_status(plan: &Json, name: &str) -> String {
     step(plan, name)["status"]
         .as_str()
         .unwrap_or("")
         .to_string()
 }
 
-fn events_named(plan: &Json, event: &str) -> Vec<Json> {
+pub(crate) fn events_named(plan: &Json, event: &str) -> Vec<Json> {
     plan["events"]
         .as_array()
         .map(|a| a.iter().filter(|e| e["event"] == event).cloned().collect())
@@ -141,7 +141,7 @@ fn events_named(plan: &Json, event: &str) -> Vec<Json> {
 }
 
 /// The password is in no row of the control tables.
-async fn control_tables_clean(db: &TestDb) {
+pub(crate) async fn control_tables_clean(db: &TestDb) {
     for table in ["events", "plans", "steps"] {
         let n = db
             .scalar_i64(&format!(
@@ -166,7 +166,7 @@ async fn runs_per_step(db: &TestDb) -> Vec<(String, i64)> {
 }
 
 /// Polls `sql` (a boolean query) until true, for up to `limit`.
-async fn wait_until(db: &TestDb, sql: &str, limit: Duration) {
+pub(crate) async fn wait_until(db: &TestDb, sql: &str, limit: Duration) {
     let start = Instant::now();
     loop {
         let v: bool = db.client.query_one(sql, &[]).await.unwrap().get(0);
@@ -283,10 +283,10 @@ phases:
 }
 
 /// A small seeded generator (xorshift64*), so that a failing run can be replayed.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -294,12 +294,12 @@ impl Rng {
         self.0 = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     std::env::var("PGSHIFT_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -798,7 +798,7 @@ phases:
 }
 
 /// Columns, indexes and tables of schema `public`, in one string.
-async fn catalog_snapshot(db: &TestDb) -> String {
+pub(crate) async fn catalog_snapshot(db: &TestDb) -> String {
     db.scalar_string(
         "SELECT coalesce((SELECT string_agg(table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable || ' ' || coalesce(column_default, ''), E'\\n' ORDER BY table_name, ordinal_position)
                           FROM information_schema.columns WHERE table_schema = 'public'), '')

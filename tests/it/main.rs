@@ -6,6 +6,7 @@ mod cluster;
 mod corpus;
 mod demo;
 mod executor;
+mod faults;
 mod harness;
 mod hostile;
 mod locks;
