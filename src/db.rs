@@ -70,6 +70,13 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             }
             if let Some(h) = db.hint() {
                 s.push_str(&format!("; hint: {h}"));
+            } else if db.code() == &SqlState::INSUFFICIENT_PRIVILEGE {
+                // The server names the object; say which privilege pgshift's work needs on it.
+                s.push_str(
+                    "; pgshift needs ownership of every table a plan changes, CREATE on the schema \
+                     where a trigger step puts its function, and CREATE on the database (or \
+                     ownership of the control schema); see README, Privileges",
+                );
             }
             s
         }

@@ -1134,6 +1134,10 @@ async fn least_privilege_end_to_end_and_not_owner() {
     assert!(err.contains("must be owner of table items"), "{err}");
     assert!(err.contains("42501"), "no SQLSTATE in:\n{err}");
     assert!(err.contains("add_b"), "no step name in:\n{err}");
+    assert!(
+        err.contains("pgshift needs ownership of every table a plan changes"),
+        "no privilege named in:\n{err}"
+    );
     // The owner runs it all.
     let o = pgshift_limited(&["--yes", "plan", "apply", p], &[("DATABASE_URL", &url)]);
     expect_code(&o, 0, "apply as the owning non-superuser");
