@@ -164,6 +164,13 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
 }
 
 async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> Result<(), Error> {
+    if mode == Mode::BackfillOnly && cx.control.plan_row(&held.conn, &plan.id).await?.is_none() {
+        return Err(Error::Usage(format!(
+            "plan `{}` has not started here; its backfill runs after its expand and dual_write steps. Run `pgshift plan apply {}` first",
+            plan.id,
+            plan.file.display()
+        )));
+    }
     let existing = cx.control.register(&mut held.conn, plan, &whoami()).await?;
     if let Some(row) = &existing
         && row.checksum != plan.checksum.0

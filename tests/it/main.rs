@@ -1,6 +1,7 @@
 //! The one integration-test binary (one link, many areas).
 
 mod backfill;
+mod backfill_cli;
 mod clarivum;
 mod cluster;
 mod corpus;

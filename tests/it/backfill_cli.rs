@@ -1,0 +1,176 @@
+//! `pgshift backfill` and `pgshift throttle` through the binary: the operator's
+//! command-line throttles, and the order of phases it insists on.
+
+use std::time::Duration;
+
+use crate::executor::{signal, spawn, wait_output, wait_until};
+use crate::harness::*;
+
+const PLAN: &str = "id: bf_cli
+phases:
+  expand:
+    - name: add_h
+      sql: ALTER TABLE items ADD COLUMN IF NOT EXISTS h text
+      rollback: ALTER TABLE items DROP COLUMN IF EXISTS h
+  dual_write:
+    - name: sync_h
+      trigger: { table: items, set: { h: \"md5(NEW.email)\" } }
+  backfill:
+    - name: fill_h
+      backfill:
+        table: items
+        set: { h: \"md5(email)\" }
+        where: h IS NULL
+        batch_size: 100
+        throttle: { sleep: 40ms }
+  contract:
+    - name: deployed
+      gate: deploy the reader of h
+";
+
+#[tokio::test]
+async fn backfill_command_refuses_to_run_before_earlier_phases_then_applies_operator_throttles() {
+    let db = TestDb::create("bf_cli").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, email text NOT NULL); INSERT INTO items SELECT g, 'u' || g || '@x.test' FROM generate_series(1, 6000) g;").await;
+    let file = plan_file("bf_cli", "bf_cli.yaml", PLAN);
+    let f = file.to_str().unwrap();
+
+    // Before the plan has run: the backfill would run without its column and trigger.
+    let o = db.pgshift(&["--progress", "never", "backfill", f]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("has not started") && stderr(&o).contains("pgshift plan apply"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM pgshift.plans").await,
+        0,
+        "a refused backfill recorded the plan"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM information_schema.columns WHERE table_name = 'items' AND column_name = 'h'").await, 0);
+
+    // Apply, interrupted in the (deliberately slow) backfill.
+    let child = spawn(&db, &["--progress", "never", "plan", "apply", f]);
+    wait_until(
+        &db,
+        "SELECT coalesce((SELECT rows_done > 0 FROM pgshift.steps WHERE name = 'fill_h'), false)",
+        Duration::from_secs(20),
+    )
+    .await;
+    signal(&child, "INT");
+    let o = tokio::task::spawn_blocking(move || {
+        wait_output(child, Duration::from_secs(20), "interrupted apply")
+    })
+    .await
+    .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let done_before = db
+        .scalar_i64("SELECT rows_done FROM pgshift.steps WHERE name = 'fill_h'")
+        .await;
+    assert!(
+        done_before < 6000,
+        "the backfill finished before the interrupt ({done_before} rows)"
+    );
+
+    // The operator continues only the backfill, faster than the plan says.
+    let o = db.pgshift(&[
+        "--progress",
+        "never",
+        "backfill",
+        f,
+        "--step",
+        "fill_h",
+        "--batch-size",
+        "1000",
+        "--sleep",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM items WHERE h IS DISTINCT FROM md5(email)")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.scalar_i64(
+            "SELECT max(batch_size)::bigint FROM pgshift.backfill_ranges WHERE step = 'fill_h'"
+        )
+        .await,
+        1000
+    );
+    let overrides = db
+        .scalar_string("SELECT detail::text FROM pgshift.events WHERE event = 'cli_overrides'")
+        .await
+        .unwrap();
+    assert!(overrides.contains("\"batch_size\": 1000"), "{overrides}");
+    // Only the backfill ran: the contract's gate is still ahead, and resume reaches it.
+    assert_eq!(
+        db.scalar_string("SELECT status FROM pgshift.steps WHERE name = 'deployed'")
+            .await
+            .as_deref(),
+        Some("pending")
+    );
+    let o = db.pgshift(&["--progress", "never", "resume", "bf_cli"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("stopped at gate `deployed`"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[tokio::test]
+async fn throttle_command_validates_and_records_its_change() {
+    let db = TestDb::create("bf_cli_throttle").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, email text NOT NULL); INSERT INTO items SELECT g, 'u' || g FROM generate_series(1, 10) g;").await;
+    let file = plan_file("bf_cli_throttle", "bf_cli.yaml", PLAN);
+    let o = db.pgshift(&[
+        "--progress",
+        "never",
+        "plan",
+        "apply",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+
+    let o = db.pgshift(&["throttle", "bf_cli"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "nothing to change is a usage error: {}",
+        stderr(&o)
+    );
+    let o = db.pgshift(&["throttle", "no_such_plan", "--pause"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no plan `no_such_plan`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = db.pgshift(&[
+        "throttle",
+        "bf_cli",
+        "--batch-size",
+        "250",
+        "--sleep",
+        "5ms",
+        "--pause",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let ov = db
+        .scalar_string("SELECT overrides::text FROM pgshift.steps WHERE name = 'fill_h'")
+        .await
+        .unwrap();
+    assert!(
+        ov.contains("\"batch_size\": 250")
+            && ov.contains("\"sleep_ms\": 5")
+            && ov.contains("\"paused\": true"),
+        "{ov}"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM pgshift.events WHERE event = 'override_set'")
+            .await,
+        1
+    );
+}
