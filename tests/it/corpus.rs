@@ -630,24 +630,32 @@ fn plan_blocks(markdown: &str) -> Vec<(usize, String)> {
 
 #[test]
 fn every_plan_in_the_plan_format_reference_validates() {
-    let doc = project_file("docs/plan-format.md");
-    let text = std::fs::read_to_string(&doc).expect("docs/plan-format.md");
+    plans_in_doc_validate("docs/plan-format.md", 3);
+}
+
+#[test]
+fn every_plan_in_the_readme_validates() {
+    plans_in_doc_validate("README.md", 1);
+}
+
+/// Every ```yaml block of `rel` that is a plan validates with exit 0.
+fn plans_in_doc_validate(rel: &str, at_least: usize) {
+    let doc = project_file(rel);
+    let text = std::fs::read_to_string(&doc).expect(rel);
     let blocks = plan_blocks(&text);
     assert!(
-        blocks.len() >= 3,
-        "expected several plans in {}",
+        blocks.len() >= at_least,
+        "expected at least {at_least} plans in {}",
         doc.display()
     );
-    let dir = scratch("docs");
+    let dir = scratch(&rel.replace(['/', '.'], "_"));
     let mut failures = Vec::new();
     for (line, yaml) in blocks {
         let path = dir.join(format!("plan_format_line_{line}.yaml"));
         std::fs::write(&path, yaml).expect("write block");
         let (code, err, _) = validate(&path);
         if code != Some(0) {
-            failures.push(format!(
-                "the block at docs/plan-format.md:{line} (exit {code:?}):\n{err}"
-            ));
+            failures.push(format!("the block at {rel}:{line} (exit {code:?}):\n{err}"));
         }
     }
     let _ = std::fs::remove_dir_all(dir);
