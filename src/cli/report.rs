@@ -22,6 +22,8 @@ struct State {
     spinners: HashMap<String, ProgressBar>,
     backfills: HashMap<(String, u32), ProgressBar>,
     last_line: HashMap<(String, u32), Instant>,
+    /// The latest figures of each backfill worker, for the closing line without bars.
+    last: HashMap<(String, u32), BackfillProgress>,
 }
 
 impl Terminal {
@@ -164,6 +166,7 @@ impl Reporter for Terminal {
                 ));
             }
             None => {
+                st.last.insert(key.clone(), p.clone());
                 // A plain line every 10 seconds (and whenever the throttle reason appears).
                 let due = st
                     .last_line
@@ -200,6 +203,22 @@ impl Reporter for Terminal {
             if let Some(b) = st.backfills.remove(&k) {
                 b.finish();
             }
+        }
+        // Without bars, close with one line: how many rows, at what rate.
+        let last: Vec<BackfillProgress> = st
+            .last
+            .iter()
+            .filter(|((s, _), _)| s == step)
+            .map(|(_, p)| p.clone())
+            .collect();
+        st.last.retain(|(s, _), _| s != step);
+        drop(st);
+        if self.bars.is_none() && !last.is_empty() {
+            let rows: u64 = last.iter().map(|p| p.rows_done).max().unwrap_or(0);
+            let rate: f64 = last.iter().map(|p| p.rows_per_sec).fold(0.0, f64::max);
+            self.line(&format!(
+                "pgshift: {step}: done, {rows} rows, {rate:.0} rows/s"
+            ));
         }
     }
 }
