@@ -517,16 +517,24 @@ async fn resolve_plan(cx: &exec::Context, arg: &str) -> Result<Plan, exec::Error
     if path.is_file() || arg.ends_with(".yaml") || arg.ends_with(".yml") {
         return load_or_report(path);
     }
-    let mut c = db::connect(&cx.target).await?;
-    cx.control.ensure(&mut c).await?;
-    let Some(row) = cx.control.plan_row(&c, arg).await? else {
-        let known: Vec<String> = cx
-            .control
-            .plans(&c)
-            .await?
-            .into_iter()
-            .map(|p| p.id)
-            .collect();
+    let c = db::connect(&cx.target).await?;
+    let exists = cx.control.exists(&c).await?;
+    let recorded = if exists {
+        cx.control.plan_row(&c, arg).await?
+    } else {
+        None
+    };
+    let Some(row) = recorded else {
+        let known: Vec<String> = if exists {
+            cx.control
+                .plans(&c)
+                .await?
+                .into_iter()
+                .map(|p| p.id)
+                .collect()
+        } else {
+            Vec::new()
+        };
         return Err(exec::Error::Usage(format!(
             "no plan `{arg}` is recorded in {} (known: {}); pass the plan file instead",
             cx.control.schema,
@@ -590,9 +598,8 @@ async fn record_overrides(cx: &exec::Context, plan: &Plan) -> Result<(), exec::E
     {
         return Ok(());
     }
-    let mut c = db::connect(&cx.target).await?;
-    cx.control.ensure(&mut c).await?;
-    if cx.control.plan_row(&c, &plan.id).await?.is_none() {
+    let c = db::connect(&cx.target).await?;
+    if !cx.control.exists(&c).await? || cx.control.plan_row(&c, &plan.id).await?.is_none() {
         return Ok(());
     }
     let detail = serde_json::json!({
@@ -642,9 +649,8 @@ async fn throttle(
     if patch.is_empty() {
         return Err(exec::Error::Usage("nothing to change: give --batch-size, --sleep, --max-rows-per-sec, --pause or --unpause".into()));
     }
-    let mut c = db::connect(&cx.target).await?;
-    cx.control.ensure(&mut c).await?;
-    if cx.control.plan_row(&c, plan).await?.is_none() {
+    let c = db::connect(&cx.target).await?;
+    if !cx.control.exists(&c).await? || cx.control.plan_row(&c, plan).await?.is_none() {
         return Err(exec::Error::Usage(format!(
             "no plan `{plan}` is recorded in {}",
             cx.control.schema

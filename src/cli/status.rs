@@ -16,10 +16,15 @@ pub async fn print(
     format: StatusFormat,
     events: bool,
 ) -> Result<Exit, exec::Error> {
-    let mut c = db::connect(&cx.target).await?;
-    cx.control.ensure(&mut c).await?;
+    let c = db::connect(&cx.target).await?;
+    // A read-only command: it never creates the control schema.
+    let exists = cx.control.exists(&c).await?;
     let plans: Vec<PlanRow> = match plan {
-        Some(id) => match cx.control.plan_row(&c, id).await? {
+        Some(id) => match if exists {
+            cx.control.plan_row(&c, id).await?
+        } else {
+            None
+        } {
             Some(p) => vec![p],
             None => {
                 return Err(exec::Error::Usage(format!(
@@ -28,7 +33,8 @@ pub async fn print(
                 )));
             }
         },
-        None => cx.control.plans(&c).await?,
+        None if exists => cx.control.plans(&c).await?,
+        None => Vec::new(),
     };
     let mut out = Vec::new();
     for p in &plans {

@@ -85,6 +85,23 @@ impl Control {
     }
 
     /// Creates the control schema if needed; safe when several runners race to do it.
+    /// True when the control schema exists (and is a version this pgshift reads);
+    /// for the read-only commands, which must not create it.
+    pub async fn exists(&self, client: &Client) -> Result<bool, Error> {
+        let exists: bool = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&format!("{}.events", self.quoted)],
+            )
+            .await
+            .map_err(|e| self.no_usage(e))?
+            .get(0);
+        if exists {
+            self.check_version(client).await?;
+        }
+        Ok(exists)
+    }
+
     pub async fn ensure(&self, client: &mut Client) -> Result<(), Error> {
         // Fast path: already there and current.
         let exists: bool = client

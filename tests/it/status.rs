@@ -32,3 +32,27 @@ async fn status_marks_the_point_of_no_return() {
     assert_eq!(v["plans"][0]["irreversible_after"], "drop_old");
     assert_eq!(v["plans"][0]["status"], "waiting");
 }
+
+/// `status` and a `throttle` of an unknown plan are read-only: on a database pgshift
+/// never ran against, they create no control schema.
+#[tokio::test]
+async fn read_only_commands_create_no_control_schema() {
+    let db = TestDb::create("status_read_only").await;
+    let o = db.pgshift(&["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("no plans recorded"), "{}", stdout(&o));
+    let o = db.pgshift(&["status", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["plans"], serde_json::json!([]));
+    let o = db.pgshift(&["status", "nothing_here"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = db.pgshift(&["throttle", "nothing_here", "--pause"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = db.pgshift(&["resume", "nothing_here"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgshift'")
+            .await,
+        0
+    );
+}
