@@ -571,9 +571,14 @@ phases:
 ",
     );
     let f = plan.to_str().unwrap();
-    // `status` creates the control schema, so that the wait below can query it.
-    expect_code(&run(&db, &["status"]), 0, "status on a new database");
     let first = spawn(&db, &["plan", "apply", f]);
+    // The first runner creates the control schema; the wait below queries it.
+    wait_until(
+        &db,
+        "SELECT to_regclass('pgshift.steps') IS NOT NULL",
+        Duration::from_secs(10),
+    )
+    .await;
     // The first one holds the plan once it records itself as the runner.
     wait_until(
         &db,
