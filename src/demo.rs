@@ -24,16 +24,9 @@ const FIXTURES: &str = include_str!("../plans/clarivum/fixtures.sql");
 
 /// Runs the demo; returns the exit code.
 pub fn run(g: &Global, fresh: bool, leads: u32) -> Exit {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::cli::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return Exit::StepFailed;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let mut throwaway = None;

@@ -404,16 +404,9 @@ where
     F: FnOnce(exec::Context) -> Fut,
     Fut: std::future::Future<Output = Result<Exit, exec::Error>>,
 {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return Exit::StepFailed;
-        }
+        Err(code) => return code,
     };
     let url = g
         .database_url
@@ -447,6 +440,18 @@ where
             Err(e) => report_error(&e),
         }
     })
+}
+
+/// The async runtime every database command runs on.
+pub fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            Exit::StepFailed
+        })
 }
 
 /// The execution context for `target`.

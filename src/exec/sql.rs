@@ -184,6 +184,34 @@ pub async fn watch_blockers(
     }
 }
 
+/// Starts [`watch_blockers`] on `client`'s backend for one attempt; cancel the
+/// returned token and await the handle when the attempt ends.
+async fn start_watcher(
+    cx: &Context,
+    plan: &Plan,
+    step: &Step,
+    client: &Client,
+    attempt: u32,
+) -> Result<
+    (
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ),
+    Attempt,
+> {
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .map_err(|e| Attempt::Fatal(e.into()))?
+        .get(0);
+    let done = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn({
+        let (cx, plan, step, done) = (cx.clone(), plan.clone(), step.clone(), done.clone());
+        async move { watch_blockers(&cx, &plan, &step, pid, attempt, done).await }
+    });
+    Ok((done, watcher))
+}
+
 /// Statements that set `deadlock_timeout` below the lock timeout where the role may,
 /// so that an autovacuum blocking our DDL is cancelled before our lock timeout fires.
 async fn lower_deadlock_timeout(tx: &impl GenericClient, lock_timeout: Duration) {
@@ -219,16 +247,7 @@ pub async fn run_transactional(
         let mut client = db::get(&cx.pool, &cx.target)
             .await
             .map_err(Attempt::Fatal)?;
-        let pid: i32 = client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .map_err(|e| Attempt::Fatal(e.into()))?
-            .get(0);
-        let done = tokio_util::sync::CancellationToken::new();
-        let watcher = tokio::spawn({
-            let (cx, plan, step, done) = (cx.clone(), plan.clone(), step.clone(), done.clone());
-            async move { watch_blockers(&cx, &plan, &step, pid, attempt, done).await }
-        });
+        let (done, watcher) = start_watcher(cx, plan, step, &client, attempt).await?;
         let result = async {
             let raw: &mut tokio_postgres::Client = &mut client;
             let tx = raw
@@ -304,16 +323,7 @@ pub async fn run_non_transactional(
             if let Some(name) = &index {
                 drop_invalid_index(cx, plan, step, &client, name).await?;
             }
-            let pid: i32 = client
-                .query_one("SELECT pg_backend_pid()", &[])
-                .await
-                .map_err(|e| Attempt::Fatal(e.into()))?
-                .get(0);
-            let done = tokio_util::sync::CancellationToken::new();
-            let watcher = tokio::spawn({
-                let (cx, plan, step, done) = (cx.clone(), plan.clone(), step.clone(), done.clone());
-                async move { watch_blockers(&cx, &plan, &step, pid, attempt, done).await }
-            });
+            let (done, watcher) = start_watcher(cx, plan, step, &client, attempt).await?;
             let token = client.cancel_token();
             let r = cancellable(cx, &token, client.batch_execute(statement)).await;
             done.cancel();
