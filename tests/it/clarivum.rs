@@ -222,3 +222,59 @@ fn shell_words(line: &str) -> Vec<String> {
     }
     words
 }
+
+/// On a Supabase-like database (its own `auth` schema and `auth.uid()` already there),
+/// 0001 uses what it finds, and rolling 0001 back leaves Supabase's objects alone.
+#[tokio::test]
+async fn clarivum_schema_respects_an_existing_supabase_auth() {
+    let db = TestDb::create("clarivum_supabase_like").await;
+    db.exec(
+        "CREATE SCHEMA auth;
+         CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE
+           AS $$ SELECT nullif(current_setting('request.jwt.claim.sub', true), '')::uuid $$;
+         COMMENT ON FUNCTION auth.uid() IS 'supabase: the platform''s own';",
+    )
+    .await;
+    let p1 = project_file("plans/clarivum/0001_core_schema.yaml");
+    let o = db.pgshift(&["--progress", "never", "plan", "apply", p1.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let comment = "SELECT obj_description('auth.uid()'::regprocedure, 'pg_proc')";
+    assert_eq!(
+        db.scalar_string(comment).await.as_deref(),
+        Some("supabase: the platform's own")
+    );
+    // RLS policies call the platform's auth.uid(): of two users, a signed-in one sees only their own row.
+    db.exec("INSERT INTO users (id, email, display_name) VALUES ('00000000-0000-7000-8000-000000000001', 'a@x.test', 'A'), ('00000000-0000-7000-8000-000000000002', 'b@x.test', 'B')").await;
+    let seen = db
+        .client
+        .simple_query("BEGIN; SET LOCAL ROLE authenticated; SELECT set_config('request.jwt.claim.sub', '00000000-0000-7000-8000-000000000001', true); SELECT count(*) FROM users; ROLLBACK")
+        .await
+        .unwrap();
+    let counts: Vec<String> = seen
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(counts.last().map(String::as_str), Some("1"), "{counts:?}");
+
+    let o = db.pgshift(&[
+        "--progress",
+        "never",
+        "--yes",
+        "rollback",
+        "0001_core_schema",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        db.scalar_string(comment).await.as_deref(),
+        Some("supabase: the platform's own"),
+        "rollback removed Supabase's auth.uid()"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            .await,
+        0
+    );
+}
