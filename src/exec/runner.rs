@@ -127,7 +127,43 @@ impl Held {
 /// Runs the plan (apply, resume, or only its backfills). Releases the lock on every path.
 pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
     let mut held = lock(cx, &plan.id).await?;
-    let result = run_locked(cx, plan, mode, &mut held).await;
+    // `None` once the lock connection is gone for good (reconnecting failed).
+    let mut kept: Option<Held> = None;
+    let result = loop {
+        let result = run_locked(cx, plan, mode, &mut held).await;
+        if !is_lost(&result) || cx.cancel.is_cancelled() {
+            kept = Some(held);
+            break result;
+        }
+        // The server went away (restart, failover, network cut). Reconnect and take the
+        // plan's lock again within --reconnect-timeout, then continue from the control
+        // table: a step that was running is either committed with its mark or not at all.
+        match relock(cx, plan, held).await {
+            Ok(h) => {
+                held = h;
+                let _ = cx
+                    .control
+                    .event(
+                        &held.conn,
+                        &plan.id,
+                        None,
+                        "reconnected",
+                        json!({"after": result.as_ref().err().map(|e| e.to_string())}),
+                    )
+                    .await;
+                cx.reporter.message(&format!(
+                    "reconnected to {}; plan `{}` continues from its last committed step",
+                    cx.target.display, plan.id
+                ));
+            }
+            Err(Error::LockHeld { plan, holder }) => break Err(Error::LockHeld { plan, holder }),
+            Err(_) => break result,
+        }
+    };
+    let Some(held) = kept else {
+        // The server stayed unreachable: nothing more can be recorded; resume continues.
+        return result;
+    };
     let status = match &result {
         Ok(()) => None,
         Err(Error::Gate { .. }) => Some(status::WAITING),
@@ -161,6 +197,49 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
     }
     held.release(cx).await;
     result
+}
+
+/// True when `result` failed because the connection to the server was lost.
+fn is_lost(result: &Result<(), Error>) -> bool {
+    match result {
+        Err(Error::ConnectionLost { .. }) => true,
+        Err(Error::Db(e)) | Err(Error::Step { source: e, .. }) => e.is_connection_lost(),
+        _ => false,
+    }
+}
+
+/// Connects again and re-takes the plan's lock, retrying with backoff until
+/// `--reconnect-timeout` runs out; another runner that took the plan meanwhile wins.
+async fn relock(cx: &Context, plan: &Plan, held: Held) -> Result<Held, Error> {
+    // Only a step's connection may have been lost: the lock connection, if it still
+    // answers, still holds the plan (a new one would find the lock taken by it).
+    if !held.conn.is_closed() && held.conn.simple_query("SELECT 1").await.is_ok() {
+        return Ok(held);
+    }
+    drop(held);
+    let deadline = tokio::time::Instant::now() + cx.options.reconnect_timeout;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        cx.reporter.message(&format!(
+            "lost the connection to {}; reconnecting (attempt {attempt})",
+            cx.target.display
+        ));
+        match lock(cx, &plan.id).await {
+            Ok(h) => return Ok(h),
+            Err(e @ Error::LockHeld { .. }) => return Err(e),
+            Err(e) => {
+                let wait = db::backoff(attempt);
+                if tokio::time::Instant::now() + wait > deadline {
+                    return Err(e);
+                }
+                tokio::select! {
+                    _ = cx.cancel.cancelled() => return Err(e),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
 }
 
 async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> Result<(), Error> {
