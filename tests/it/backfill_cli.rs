@@ -239,7 +239,7 @@ async fn kill_9_at_random_batches_then_resume_updates_each_row_once() {
         kills += 1;
         // A kill may land before the first run created the control schema.
         let has_control = db
-            .scalar_i64("SELECT (to_regclass('pgshift.steps') IS NOT NULL)::int")
+            .scalar_i64("SELECT (to_regclass('pgshift.steps') IS NOT NULL)::int::bigint")
             .await
             == 1;
         let done = if has_control {
