@@ -306,20 +306,7 @@ async fn uuid_keys_random_and_time_ordered() {
     ))
     .await;
     let p = plan("table: docs\nset: n = n + 1\nbatch_size: 256\nworkers: 2");
-    register(&db, &p).await;
-    let r = Recorder::cancelling_after(4);
-    assert_eq!(
-        run(db.url.clone(), p.clone(), r, Options::default())
-            .await
-            .unwrap(),
-        Outcome::Cancelled
-    );
-    run_to_end(&db, &p).await;
-    assert_eq!(
-        db.scalar_i64("SELECT count(*) FROM docs WHERE n <> 1 OR touched <> 1")
-            .await,
-        0
-    );
+    cancel_resume_and_check_once(&db, &p, 4, "docs").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,20 +322,7 @@ async fn text_keys_with_quotes_and_non_ascii() {
     ))
     .await;
     let p = plan("table: tags\nset: n = n + 1\nbatch_size: 97");
-    register(&db, &p).await;
-    let r = Recorder::cancelling_after(7);
-    assert_eq!(
-        run(db.url.clone(), p.clone(), r, Options::default())
-            .await
-            .unwrap(),
-        Outcome::Cancelled
-    );
-    run_to_end(&db, &p).await;
-    assert_eq!(
-        db.scalar_i64("SELECT count(*) FROM tags WHERE n <> 1 OR touched <> 1")
-            .await,
-        0
-    );
+    cancel_resume_and_check_once(&db, &p, 7, "tags").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -791,5 +765,26 @@ async fn a_killed_connection_reconnects_and_repeats_nothing() {
         db.scalar_i64("SELECT rows_done FROM pgshift.steps WHERE name = 'fill'")
             .await,
         3000
+    );
+}
+
+/// Registers the plan, cancels its backfill after `batches` progress reports, runs it
+/// again to the end, and checks that every row of `table` was updated exactly once.
+async fn cancel_resume_and_check_once(db: &TestDb, p: &Plan, batches: usize, table: &str) {
+    register(db, p).await;
+    let r = Recorder::cancelling_after(batches);
+    assert_eq!(
+        run(db.url.clone(), p.clone(), r, Options::default())
+            .await
+            .unwrap(),
+        Outcome::Cancelled
+    );
+    run_to_end(db, p).await;
+    assert_eq!(
+        db.scalar_i64(&format!(
+            "SELECT count(*) FROM {table} WHERE n <> 1 OR touched <> 1"
+        ))
+        .await,
+        0
     );
 }
