@@ -562,26 +562,20 @@ async fn run_step(
                 message,
             })
         }
-        Ok(Outcome::Cancelled) => {
+        Ok(outcome @ (Outcome::Cancelled | Outcome::Paused)) => {
+            let paused = outcome == Outcome::Paused;
             cx.control
                 .step_status(&**c, &plan.id, &step.name, status::INTERRUPTED, None)
                 .await?;
+            let event = if paused { "paused" } else { "interrupted" };
             cx.control
-                .event(&**c, &plan.id, Some(&step.name), "interrupted", json!({}))
+                .event(&**c, &plan.id, Some(&step.name), event, json!({}))
                 .await?;
-            Err(Error::Cancelled {
-                step: step.name.clone(),
-            })
-        }
-        Ok(Outcome::Paused) => {
-            cx.control
-                .step_status(&**c, &plan.id, &step.name, status::INTERRUPTED, None)
-                .await?;
-            cx.control
-                .event(&**c, &plan.id, Some(&step.name), "paused", json!({}))
-                .await?;
-            Err(Error::Paused {
-                step: step.name.clone(),
+            let step = step.name.clone();
+            Err(if paused {
+                Error::Paused { step }
+            } else {
+                Error::Cancelled { step }
             })
         }
         Err(e) => {
