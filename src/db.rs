@@ -46,12 +46,29 @@ impl Error {
     }
 
     /// The connection is gone (server restart, network cut, backend terminated).
+    ///
+    /// Only what a reconnect can cure counts: a closed socket, an I/O error or a
+    /// timeout talking to the server, SQLSTATE class 08, and 57P01–57P03 (the server
+    /// shut down or is starting). A wrong row count, a value of the wrong type, a
+    /// syntax or permission error is the step's own failure: retrying it would
+    /// fail the same way forever.
     pub fn is_connection_lost(&self) -> bool {
         match self {
             Error::Postgres(e) => {
+                if let Some(c) = e.code() {
+                    return c == &SqlState::ADMIN_SHUTDOWN
+                        || c == &SqlState::CRASH_SHUTDOWN
+                        || c == &SqlState::CANNOT_CONNECT_NOW
+                        || c.code().starts_with("08");
+                }
                 e.is_closed()
-                    || matches!(e.code(), Some(c) if c == &SqlState::ADMIN_SHUTDOWN || c == &SqlState::CRASH_SHUTDOWN || c == &SqlState::CANNOT_CONNECT_NOW || c.code().starts_with("08"))
-                    || (e.code().is_none() && e.as_db_error().is_none())
+                    || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+                    || matches!(
+                        e.to_string().as_str(),
+                        "error communicating with the server"
+                            | "error connecting to server"
+                            | "timeout waiting for server"
+                    )
             }
             Error::Connect { .. } => true,
             Error::Pool(_) => true,

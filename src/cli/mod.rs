@@ -255,8 +255,10 @@ fn run(cli: Cli) -> Exit {
                 &g,
                 move |cx| async move {
                     let plan = resolve_plan(&cx, &plan).await?;
-                    if !yes && waiting_gate(&cx, &plan).await && !confirm_gate(&plan) {
-                        eprintln!("not resumed: the gate stays closed");
+                    if !yes
+                        && let Some(gate) = waiting_gate(&cx, &plan).await
+                        && !confirm_gate(&plan, &gate)
+                    {
                         return Ok(Exit::Resumable);
                     }
                     announce(&cx, &plan);
@@ -277,6 +279,9 @@ fn run(cli: Cli) -> Exit {
             &g,
             move |cx| async move {
                 let plan = resolve_plan(&cx, &plan).await?;
+                if !cx.options.yes && !confirm_rollback(&cx, &plan).await? {
+                    return Ok(Exit::Invalid);
+                }
                 match runner::rollback(&cx, &plan).await {
                     Ok(()) => {
                         eprintln!(
@@ -560,37 +565,82 @@ async fn resolve_plan(cx: &exec::Context, arg: &str) -> Result<Plan, exec::Error
     load_or_report(&file)
 }
 
-async fn waiting_gate(cx: &exec::Context, plan: &Plan) -> bool {
-    let Ok(c) = db::get(&cx.pool, &cx.target).await else {
-        return false;
-    };
-    match cx.control.steps(&**c, &plan.id).await {
-        Ok(rows) => rows
-            .iter()
-            .any(|r| r.kind == "gate" && r.status == crate::control::status::WAITING),
-        Err(_) => false,
-    }
+/// The name of the gate step the plan waits at, if it waits at one.
+async fn waiting_gate(cx: &exec::Context, plan: &Plan) -> Option<String> {
+    let c = db::get(&cx.pool, &cx.target).await.ok()?;
+    let rows = cx.control.steps(&**c, &plan.id).await.ok()?;
+    rows.into_iter()
+        .find(|r| r.kind == "gate" && r.status == crate::control::status::WAITING)
+        .map(|r| r.name)
 }
 
-/// Asks on a terminal before passing a gate; elsewhere resuming is the confirmation.
-fn confirm_gate(plan: &Plan) -> bool {
+/// Asks on a terminal before passing a gate. Off a terminal nothing can answer, so the
+/// gate stays closed: a script that retries `resume` must never walk through a gate.
+fn confirm_gate(plan: &Plan, gate: &str) -> bool {
     use std::io::{BufRead, IsTerminal, Write};
+    let message = match plan.step(gate).map(|s| &s.kind) {
+        Some(plan::StepKind::Gate(m)) => m.clone(),
+        _ => String::new(),
+    };
     if !std::io::stdin().is_terminal() {
-        return true;
+        eprintln!(
+            "pgshift: plan `{}` waits at gate `{gate}`:\n  {message}\nthe gate stays closed: off a terminal, resume passes a gate only with --yes. When that is done, continue with:\n  pgshift --yes resume {}",
+            plan.id, plan.id
+        );
+        return false;
     }
-    let gate = plan.steps.iter().find_map(|s| match &s.kind {
-        plan::StepKind::Gate(m) => Some(m.clone()),
-        _ => None,
-    });
     eprint!(
-        "The plan waits at a gate: {}
-Has that been done? Continue past the gate [y/N] ",
-        gate.unwrap_or_default()
+        "The plan waits at gate `{gate}`: {message}\nHas that been done? Continue past the gate [y/N] "
     );
     let _ = std::io::stderr().flush();
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
-    matches!(line.trim(), "y" | "Y" | "yes")
+    let yes = matches!(line.trim(), "y" | "Y" | "yes");
+    if !yes {
+        eprintln!("not resumed: the gate stays closed");
+    }
+    yes
+}
+
+/// Shows what `rollback` would undo, on which database, and asks on a terminal.
+/// Off a terminal it refuses without `--yes` and changes nothing.
+async fn confirm_rollback(cx: &exec::Context, plan: &Plan) -> Result<bool, exec::Error> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let undo = runner::rollback_preview(cx, plan).await?;
+    let dbname = cx.target.config.get_dbname().unwrap_or("postgres");
+    let mut text = format!(
+        "rollback of plan `{}` on {} (database `{dbname}`) would undo, in this order:\n",
+        plan.id, cx.target.display
+    );
+    if undo.is_empty() {
+        text.push_str("  nothing: no step of it has run here\n");
+    }
+    for (step, how) in &undo {
+        text.push_str(&format!("  {step}:\n"));
+        for h in how {
+            let first = h.lines().next().unwrap_or_default();
+            let more = if h.lines().count() > 1 { " …" } else { "" };
+            text.push_str(&format!("    {first}{more}\n"));
+        }
+    }
+    eprint!("{text}");
+    if !std::io::stdin().is_terminal() {
+        eprintln!(
+            "refused: off a terminal, rollback runs only with --yes; nothing was changed. To roll back:\n  pgshift --yes rollback {}",
+            plan.id
+        );
+        return Ok(false);
+    }
+    eprint!("Roll back plan `{}`? [y/N] ", plan.id);
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    if matches!(line.trim(), "y" | "Y" | "yes") {
+        Ok(true)
+    } else {
+        eprintln!("not rolled back; nothing was changed");
+        Ok(false)
+    }
 }
 
 async fn record_overrides(cx: &exec::Context, plan: &Plan) -> Result<(), exec::Error> {

@@ -129,11 +129,28 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
     let mut held = lock(cx, &plan.id).await?;
     // `None` once the lock connection is gone for good (reconnecting failed).
     let mut kept: Option<Held> = None;
+    // Reconnects in a row during the same step: a step that loses its connection every
+    // time (a statement that kills its own backend, say) must not loop forever.
+    let mut lost_in: Option<String> = None;
+    let mut losses = 0u32;
     let result = loop {
         let result = run_locked(cx, plan, mode, &mut held).await;
         if !is_lost(&result) || cx.cancel.is_cancelled() {
             kept = Some(held);
             break result;
+        }
+        let step = lost_step(&result);
+        losses = if step == lost_in { losses + 1 } else { 1 };
+        lost_in = step;
+        if losses > MAX_RECONNECTS {
+            kept = Some(held);
+            break Err(Error::Failed {
+                step: lost_in.unwrap_or_else(|| "(between steps)".into()),
+                message: format!(
+                    "lost the connection {losses} times in a row during this step, reconnecting each time; it does not look like an outage but like something in the step that ends its own connection. Check the server log, then `pgshift resume {}`",
+                    plan.id
+                ),
+            });
         }
         // The server went away (restart, failover, network cut). Reconnect and take the
         // plan's lock again within --reconnect-timeout, then continue from the control
@@ -152,7 +169,7 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
                     )
                     .await;
                 cx.reporter.message(&format!(
-                    "reconnected to {}; plan `{}` continues from its last committed step",
+                    "reconnected to {} (reconnect {losses} of at most {MAX_RECONNECTS} in a row); plan `{}` continues from its last committed step",
                     cx.target.display, plan.id
                 ));
             }
@@ -197,6 +214,17 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
     }
     held.release(cx).await;
     result
+}
+
+/// How many times in a row one step may lose its connection and be resumed.
+const MAX_RECONNECTS: u32 = 5;
+
+/// The step during which the connection was lost, when the error names one.
+fn lost_step(result: &Result<(), Error>) -> Option<String> {
+    match result {
+        Err(Error::ConnectionLost { step, .. } | Error::Step { step, .. }) => Some(step.clone()),
+        _ => None,
+    }
 }
 
 /// True when `result` failed because the connection to the server was lost.
@@ -716,13 +744,21 @@ async fn run_check(
                 let tx = raw.transaction().await?;
                 db::set_local_timeouts(&tx, step.lock_timeout, step.statement_timeout).await?;
                 tx.execute("SET TRANSACTION READ ONLY", &[]).await?;
-                let row = tx.query_one(check.query.as_str(), &[]).await?;
-                let v: Option<bool> = row.try_get(0).map_err(db::Error::from)?;
+                let rows = tx.query(check.query.as_str(), &[]).await?;
                 tx.commit().await?;
-                Ok::<_, db::Error>(v)
+                Ok::<_, db::Error>(check_value(&rows))
             };
             match tx_result.await {
-                Ok(v) => v,
+                Ok(Ok(v)) => v,
+                Ok(Err(shape)) => {
+                    return Err(Error::Failed {
+                        step: step.name.clone(),
+                        message: format!(
+                            "a check must return one row with one boolean column, and `{}` {shape}. Write it as a condition (`SELECT count(*) = 0 FROM …`), then `pgshift resume {}`",
+                            check.query, plan.id
+                        ),
+                    });
+                }
                 Err(e) if e.is_retryable() => Some(false),
                 Err(e) if e.is_connection_lost() => {
                     return Err(Error::ConnectionLost {
@@ -777,6 +813,22 @@ async fn run_check(
                 });
             }
         }
+    }
+}
+
+/// The value of a check's result, or what is wrong with its shape.
+fn check_value(rows: &[tokio_postgres::Row]) -> Result<Option<bool>, String> {
+    let row = match rows {
+        [] => return Err("returned no row".into()),
+        [row] => row,
+        more => return Err(format!("returned {} rows", more.len())),
+    };
+    match row.columns() {
+        [col] if col.type_() == &tokio_postgres::types::Type::BOOL => {
+            Ok(row.get::<_, Option<bool>>(0))
+        }
+        [col] => Err(format!("returns a value of type {}", col.type_().name())),
+        cols => Err(format!("returns {} columns", cols.len())),
     }
 }
 
@@ -911,6 +963,73 @@ async fn hooks(
     }
 }
 
+/// The steps `rollback` undoes, in the order it undoes them: those that
+/// succeeded or wait (a gate), and those a failure or interrupt may have left
+/// partly done (a non-transactional step: its transactional peers left nothing).
+pub fn to_undo<'a>(plan: &'a Plan, rows: &HashMap<String, StepRow>) -> Vec<&'a Step> {
+    plan.steps
+        .iter()
+        .rev()
+        .filter(|step| {
+            let Some(r) = rows.get(&step.name) else {
+                return false;
+            };
+            let st = r.status.as_str();
+            let partly = matches!(st, status::FAILED | status::INTERRUPTED | status::RUNNING)
+                && !marks_itself(step);
+            st == status::SUCCEEDED || st == status::WAITING || partly
+        })
+        .collect()
+}
+
+/// What `rollback` would do to each step, in order, read from the control
+/// table without taking the plan's lock: for the operator's confirmation.
+pub async fn rollback_preview(
+    cx: &Context,
+    plan: &Plan,
+) -> Result<Vec<(String, Vec<String>)>, Error> {
+    let c = db::connect(&cx.target).await?;
+    if !cx.control.exists(&c).await? || cx.control.plan_row(&c, &plan.id).await?.is_none() {
+        return Ok(Vec::new());
+    }
+    let rows: HashMap<String, StepRow> = cx
+        .control
+        .steps(&c, &plan.id)
+        .await?
+        .into_iter()
+        .map(|r| (r.name.clone(), r))
+        .collect();
+    let mut out = Vec::new();
+    for step in to_undo(plan, &rows) {
+        let how = match (&step.kind, &step.rollback) {
+            (StepKind::Check(_) | StepKind::Gate(_), _) => continue,
+            (StepKind::Backfill(_), _) => {
+                vec!["forget its checkpoint (the rows it wrote stay as they are)".to_string()]
+            }
+            (StepKind::Trigger(spec), _) => {
+                super::trigger::rollback_statements(&plan.id, &step.name, spec)
+            }
+            (StepKind::DropTrigger(d), _) => {
+                super::trigger::statements(&plan.id, &d.step, &d.trigger)
+            }
+            (_, Some(Rollback::Sql(body))) => sql::statements_of(body),
+            (_, Some(Rollback::Run(cmd))) => vec![format!("run `{}`", cmd.command)],
+            (_, None) => {
+                out.push((
+                    step.name.clone(),
+                    vec![
+                        "no rollback: the rollback stops here, and the steps before it stay"
+                            .to_string(),
+                    ],
+                ));
+                break;
+            }
+        };
+        out.push((step.name.clone(), how));
+    }
+    Ok(out)
+}
+
 /// Runs the rollbacks of done (or partly done) steps in reverse order.
 pub async fn rollback(cx: &Context, plan: &Plan) -> Result<(), Error> {
     let mut held = lock(cx, &plan.id).await?;
@@ -960,17 +1079,7 @@ async fn rollback_locked(cx: &Context, plan: &Plan, held: &mut Held) -> Result<(
             json!({"by": whoami()}),
         )
         .await?;
-    for step in plan.steps.iter().rev() {
-        let Some(r) = rows.get(&step.name) else {
-            continue;
-        };
-        let st = r.status.as_str();
-        // Partly done: a non-transactional step that failed or was interrupted may have left something.
-        let partly = matches!(st, status::FAILED | status::INTERRUPTED | status::RUNNING)
-            && !marks_itself(step);
-        if st != status::SUCCEEDED && st != status::WAITING && !partly {
-            continue;
-        }
+    for step in to_undo(plan, &rows) {
         cx.reporter.message(&format!(
             "rolling back {} [{}]",
             step.name,

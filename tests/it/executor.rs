@@ -859,6 +859,40 @@ phases:
         "{during}"
     );
 
+    // Off a terminal, resume without --yes never passes the gate (a script retrying exit 3
+    // must not walk through it), and rollback without --yes refuses: nothing changes.
+    let o = run(&db, &["resume", "rollback"]);
+    expect_code(&o, 3, "resume without --yes off a terminal");
+    assert!(
+        stderr(&o).contains("waits at gate `deployed`")
+            && stderr(&o).contains("pgshift --yes resume rollback"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        step_status(&status_json(&db, "rollback"), "deployed"),
+        "waiting"
+    );
+    let o = run(&db, &["rollback", "rollback"]);
+    expect_code(&o, 2, "rollback without --yes off a terminal");
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!("database `{}`", db.name))
+            && e.contains("add_col:")
+            && e.contains("ALTER TABLE leads DROP COLUMN IF EXISTS email_hash")
+            && e.contains("nothing was changed")
+            && e.contains("pgshift --yes rollback rollback"),
+        "{e}"
+    );
+    // Undone latest first: the check constraint before the column it reads.
+    assert!(e.find("add_check:") < e.find("add_col:"), "{e}");
+    assert_eq!(
+        catalog_snapshot(&db).await,
+        during,
+        "a refused rollback changed the schema"
+    );
+    assert_eq!(status_json(&db, "rollback")["status"], "waiting");
+
     let o = run(&db, &["--yes", "rollback", "rollback"]);
     expect_code(&o, 0, "rollback at the gate");
     let after = catalog_snapshot(&db).await;

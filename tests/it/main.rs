@@ -15,6 +15,7 @@ mod plan;
 mod proof;
 mod regressions;
 mod replica;
+mod runtime;
 mod status;
 mod tls;
 mod trigger;
