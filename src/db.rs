@@ -8,8 +8,6 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, GenericClient};
 
-use crate::plan::defaults;
-
 /// Why talking to the database failed, classified for the caller.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -520,11 +518,16 @@ pub async fn set_local_timeouts(
     Ok(())
 }
 
+/// The first wait between retries of a statement (lock timeout, lost connection).
+pub const RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(200);
+/// The longest wait between retries.
+pub const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(10);
+
 /// The wait before retry number `attempt` (1-based): doubling from the first
 /// backoff to the cap, then a random part so that retries of several runners spread out.
 pub fn backoff(attempt: u32) -> Duration {
-    let first = defaults::RETRY_BACKOFF_FIRST.as_millis() as u64;
-    let cap = defaults::RETRY_BACKOFF_CAP.as_millis() as u64;
+    let first = RETRY_BACKOFF_FIRST.as_millis() as u64;
+    let cap = RETRY_BACKOFF_CAP.as_millis() as u64;
     let exp = first
         .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
         .min(cap);
@@ -585,9 +588,9 @@ mod tests {
         assert!(backoff(1) <= Duration::from_millis(200));
         assert!(backoff(1) >= Duration::from_millis(100));
         for a in 1..40 {
-            assert!(backoff(a) <= defaults::RETRY_BACKOFF_CAP);
+            assert!(backoff(a) <= RETRY_BACKOFF_CAP);
         }
-        assert!(backoff(30) >= defaults::RETRY_BACKOFF_CAP / 2);
+        assert!(backoff(30) >= RETRY_BACKOFF_CAP / 2);
     }
 
     #[test]

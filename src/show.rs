@@ -4,8 +4,9 @@
 
 use std::fmt::Write;
 
-use crate::exec::trigger;
-use crate::plan::{self, BackfillSet, Plan, Rollback, Severity, StepKind};
+use crate::duration;
+use crate::kind::{Rollback, StepKind, Undo, sql};
+use crate::plan::{Plan, Severity};
 
 /// Renders `plan` for a person: every step, its transaction mode, SQL and rollback.
 pub fn render(plan: &Plan) -> String {
@@ -19,8 +20,8 @@ pub fn render(plan: &Plan) -> String {
         out,
         "  checksum {}  lock_timeout {}  statement_timeout {}  retries {}",
         plan.checksum.short(),
-        plan::duration::format(s.lock_timeout),
-        plan::duration::format(s.statement_timeout),
+        duration::format(s.lock_timeout),
+        duration::format(s.statement_timeout),
         s.retries
     );
     let point_of_no_return = plan.point_of_no_return().map(|s| s.position);
@@ -37,16 +38,7 @@ pub fn render(plan: &Plan) -> String {
                 step.name
             );
         }
-        let mode = match &step.kind {
-            StepKind::Sql(b) if !b.transactional => "no transaction (runs alone, retried safely)",
-            StepKind::Sql(_) | StepKind::Trigger(_) | StepKind::DropTrigger(_) => {
-                "one transaction, with its success mark"
-            }
-            StepKind::Backfill(_) => "one transaction per batch, with its checkpoint",
-            StepKind::Check(_) => "read-only",
-            StepKind::Gate(_) => "stops the plan until `pgshift resume`",
-            StepKind::Run(_) => "shell command",
-        };
+        let mode = step.kind.mode();
         let _ = writeln!(
             out,
             "\n{:>3}. {} [{}] — {}",
@@ -55,23 +47,20 @@ pub fn render(plan: &Plan) -> String {
             step.kind.name(),
             mode
         );
-        if matches!(
-            step.kind,
-            StepKind::Sql(_) | StepKind::Trigger(_) | StepKind::DropTrigger(_)
-        ) {
+        if step.kind.takes_locks() {
             let _ = writeln!(
                 out,
                 "     lock_timeout {}, statement_timeout {}, up to {} retries",
-                plan::duration::format(step.lock_timeout),
-                plan::duration::format(step.statement_timeout),
+                duration::format(step.lock_timeout),
+                duration::format(step.statement_timeout),
                 step.retries
             );
         }
-        let body = describe(plan, step);
+        let body = step.kind.describe(&plan.id, &step.name);
         for line in body.lines() {
             let _ = writeln!(out, "     | {line}");
         }
-        match (&step.rollback, &step.kind) {
+        match (&step.rollback, step.kind.undo()) {
             (Some(Rollback::Sql(b)), _) => {
                 let _ = writeln!(out, "     rollback:");
                 for st in &b.statements {
@@ -83,35 +72,30 @@ pub fn render(plan: &Plan) -> String {
             (Some(Rollback::Run(c)), _) => {
                 let _ = writeln!(out, "     rollback: run `{}`", c.command);
             }
-            (None, StepKind::Trigger(t)) => {
-                let _ = writeln!(
-                    out,
-                    "     rollback (generated: drops the trigger and function):"
-                );
-                let sql = sql_lines(&trigger::rollback_statements(&plan.id, &step.name, t));
-                for line in sql.lines() {
+            (None, Undo::Generated) => {
+                let what = match &step.kind {
+                    StepKind::DropTrigger(d) => {
+                        format!("re-creates the trigger of step `{}`", d.step)
+                    }
+                    _ => "drops the trigger and function".to_string(),
+                };
+                let _ = writeln!(out, "     rollback (generated: {what}):");
+                let statements = step
+                    .kind
+                    .generated_rollback(&plan.id, &step.name)
+                    .unwrap_or_default();
+                for line in sql::script(&statements).lines() {
                     let _ = writeln!(out, "     | {line}");
                 }
             }
-            (None, StepKind::DropTrigger(d)) => {
-                let _ = writeln!(
-                    out,
-                    "     rollback (generated: re-creates the trigger of step `{}`):",
-                    d.step
-                );
-                let sql = sql_lines(&trigger::statements(&plan.id, &d.step, &d.trigger));
-                for line in sql.lines() {
-                    let _ = writeln!(out, "     | {line}");
-                }
-            }
-            (None, StepKind::Check(_) | StepKind::Gate(_)) => {}
-            (None, StepKind::Backfill(_)) => {
+            (None, Undo::Nothing) => {}
+            (None, Undo::Reset) => {
                 let _ = writeln!(
                     out,
                     "     rollback: none needed (the rollback of the step that added the columns removes the data)"
                 );
             }
-            (None, _) => {
+            (None, Undo::Plan) => {
                 let _ = writeln!(out, "     rollback: NONE — irreversible");
             }
         }
@@ -143,98 +127,4 @@ pub fn render(plan: &Plan) -> String {
         }
     }
     out
-}
-
-/// Generated statements as a script: each ends with `;`.
-fn sql_lines(statements: &[String]) -> String {
-    statements
-        .iter()
-        .map(|s| format!("{s};"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// The SQL (or command, or message) a step runs, as text.
-pub fn describe(plan: &Plan, step: &plan::Step) -> String {
-    let _ = plan;
-    match &step.kind {
-        StepKind::Sql(b) => b
-            .statements
-            .iter()
-            .map(|s| format!("{};", s.text))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        StepKind::Check(c) => match c.wait {
-            Some(w) => format!(
-                "{}\n(must return true; polled every {} for up to {})",
-                c.query,
-                plan::duration::format(c.interval),
-                plan::duration::format(w)
-            ),
-            None => format!("{}\n(must return true)", c.query),
-        },
-        StepKind::Gate(msg) => format!("{msg}\n(continue with: pgshift resume {})", plan.id),
-        StepKind::Run(c) => format!(
-            "$ {}\n(timeout {})",
-            c.command,
-            plan::duration::format(c.timeout)
-        ),
-        StepKind::Trigger(t) => sql_lines(&trigger::statements(&plan.id, &step.name, t)),
-        StepKind::DropTrigger(d) => {
-            sql_lines(&trigger::rollback_statements(&plan.id, &d.step, &d.trigger))
-        }
-        StepKind::Backfill(b) => {
-            let mut s = format!(
-                "backfill {} in batches of {} ({} worker(s))\n",
-                b.table, b.batch_size, b.workers
-            );
-            match &b.set {
-                BackfillSet::Columns(cols) => {
-                    for (c, e) in cols {
-                        let _ = writeln!(s, "  set {c} = {e}");
-                    }
-                }
-                BackfillSet::Clause(c) => {
-                    let _ = writeln!(s, "  set {c}");
-                }
-            }
-            if let Some(w) = &b.where_ {
-                let _ = writeln!(s, "  where {w}");
-            }
-            let t = &b.throttle;
-            let _ = writeln!(
-                s,
-                "  throttle: sleep {}, batch size {}..{}{}{}{}{}",
-                plan::duration::format(t.sleep),
-                t.min_batch_size,
-                t.max_batch_size,
-                t.target_batch_time
-                    .map(|d| format!(", target batch time {}", plan::duration::format(d)))
-                    .unwrap_or_default(),
-                t.max_rows_per_sec
-                    .map(|r| format!(", at most {r} rows/s"))
-                    .unwrap_or_default(),
-                t.max_replica_lag
-                    .map(|d| format!(", pause while replica lag > {}", plan::duration::format(d)))
-                    .unwrap_or_default(),
-                t.throttle_query
-                    .as_ref()
-                    .map(|q| format!(", pause while `{q}`"))
-                    .unwrap_or_default(),
-            );
-            let (key, note) = match &b.key {
-                Some(k) => (k.clone(), String::new()),
-                None => (
-                    vec![crate::ident::Ident("id".into())],
-                    " (the key is the primary key, read from the catalog when the step starts; shown here as \"id\")".to_string(),
-                ),
-            };
-            let _ = writeln!(
-                s,
-                "each batch, in one transaction with its checkpoint{note}:"
-            );
-            s.push_str(&crate::backfill::batch_sql(b, &key));
-            s
-        }
-    }
 }

@@ -12,8 +12,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::Control;
+use crate::control::{Event, Overrides, Status};
 use crate::db;
-use crate::exec::{self, runner};
+use crate::engine;
+use crate::exec::{self, rollback, runner};
 use crate::exit::{Exit, ExitStatus};
 use crate::plan::{self, Diagnostic, Plan, Severity};
 
@@ -170,7 +172,7 @@ pub enum StatusFormat {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    plan::duration::parse(s)
+    crate::duration::parse(s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -282,7 +284,7 @@ fn run(cli: Cli) -> Exit {
                 if !cx.options.yes && !confirm_rollback(&cx, &plan).await? {
                     return Ok(Exit::Invalid);
                 }
-                match runner::rollback(&cx, &plan).await {
+                match rollback::rollback(&cx, &plan).await {
                     Ok(()) => {
                         eprintln!(
                             "pgshift: plan `{}` rolled back; `pgshift status {}` shows each step",
@@ -307,7 +309,7 @@ fn run(cli: Cli) -> Exit {
             workers,
             reconnect,
         } => {
-            let overrides = exec::BackfillOverrides {
+            let overrides = engine::BackfillOverrides {
                 step,
                 batch_size,
                 sleep,
@@ -402,7 +404,7 @@ fn with_runtime<F, Fut>(
     g: &Global,
     f: F,
     reconnect_timeout: Duration,
-    backfill: exec::BackfillOverrides,
+    backfill: engine::BackfillOverrides,
     accept_changed: bool,
 ) -> Exit
 where
@@ -477,7 +479,7 @@ pub fn context(
 }
 
 /// First SIGINT/SIGTERM: stop after the batch or statement in flight. Second SIGINT: exit at once.
-pub fn install_signals(cancel: CancellationToken, reporter: Arc<dyn exec::Reporter>) {
+pub fn install_signals(cancel: CancellationToken, reporter: Arc<dyn engine::Reporter>) {
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -570,7 +572,7 @@ async fn waiting_gate(cx: &exec::Context, plan: &Plan) -> Option<String> {
     let c = db::get(&cx.pool, &cx.target).await.ok()?;
     let rows = cx.control.steps(&**c, &plan.id).await.ok()?;
     rows.into_iter()
-        .find(|r| r.kind == "gate" && r.status == crate::control::status::WAITING)
+        .find(|r| r.kind == "gate" && r.status == Status::Waiting)
         .map(|r| r.name)
 }
 
@@ -606,7 +608,7 @@ fn confirm_gate(plan: &Plan, gate: &str) -> bool {
 /// Off a terminal it refuses without `--yes` and changes nothing.
 async fn confirm_rollback(cx: &exec::Context, plan: &Plan) -> Result<bool, exec::Error> {
     use std::io::{BufRead, IsTerminal, Write};
-    let undo = runner::rollback_preview(cx, plan).await?;
+    let undo = rollback::preview(cx, plan).await?;
     let dbname = cx.target.config.get_dbname().unwrap_or("postgres");
     let mut text = format!(
         "rollback of plan `{}` on {} (database `{dbname}`) would undo, in this order:\n",
@@ -657,13 +659,17 @@ async fn record_overrides(cx: &exec::Context, plan: &Plan) -> Result<(), exec::E
     if !cx.control.exists(&c).await? || cx.control.plan_row(&c, &plan.id).await?.is_none() {
         return Ok(());
     }
-    let detail = serde_json::json!({
-        "batch_size": o.batch_size, "sleep_ms": o.sleep.map(|d| d.as_millis() as u64),
-        "max_rows_per_sec": o.max_rows_per_sec, "target_batch_time_ms": o.target_batch_time.map(|d| d.as_millis() as u64),
-        "workers": o.workers, "step": o.step, "by": runner::whoami(),
-    });
+    let given = Event::CliOverrides {
+        batch_size: o.batch_size,
+        sleep_ms: o.sleep.map(|d| d.as_millis() as u64),
+        max_rows_per_sec: o.max_rows_per_sec,
+        target_batch_time_ms: o.target_batch_time.map(|d| d.as_millis() as u64),
+        workers: o.workers,
+        step: o.step.clone(),
+        by: engine::whoami(),
+    };
     cx.control
-        .event(&c, &plan.id, o.step.as_deref(), "cli_overrides", detail)
+        .event(&c, &plan.id, o.step.as_deref(), &given)
         .await?;
     Ok(())
 }
@@ -679,28 +685,20 @@ async fn throttle(
     pause: bool,
     unpause: bool,
 ) -> Result<Exit, exec::Error> {
-    let mut patch = serde_json::Map::new();
-    if let Some(b) = batch_size {
-        if b == 0 || b > plan::defaults::BATCH_SIZE_LIMIT {
-            return Err(exec::Error::Usage(format!(
-                "--batch-size must be between 1 and {}",
-                plan::defaults::BATCH_SIZE_LIMIT
-            )));
-        }
-        patch.insert("batch_size".into(), b.into());
+    if let Some(b) = batch_size
+        && (b == 0 || b > plan::defaults::BATCH_SIZE_LIMIT)
+    {
+        return Err(exec::Error::Usage(format!(
+            "--batch-size must be between 1 and {}",
+            plan::defaults::BATCH_SIZE_LIMIT
+        )));
     }
-    if let Some(s) = sleep {
-        patch.insert("sleep_ms".into(), (s.as_millis() as u64).into());
-    }
-    if let Some(m) = max_rows_per_sec {
-        patch.insert("max_rows_per_sec".into(), m.into());
-    }
-    if pause {
-        patch.insert("paused".into(), true.into());
-    }
-    if unpause {
-        patch.insert("paused".into(), false.into());
-    }
+    let patch = Overrides {
+        batch_size,
+        sleep_ms: sleep.map(|s| s.as_millis() as u64),
+        max_rows_per_sec,
+        paused: (pause || unpause).then_some(pause),
+    };
     if patch.is_empty() {
         return Err(exec::Error::Usage("nothing to change: give --batch-size, --sleep, --max-rows-per-sec, --pause or --unpause".into()));
     }
@@ -711,7 +709,6 @@ async fn throttle(
             cx.control.schema
         )));
     }
-    let patch = serde_json::Value::Object(patch);
     let n = cx.control.merge_overrides(&c, plan, step, &patch).await?;
     if n == 0 {
         return Err(exec::Error::Usage(format!(
@@ -719,17 +716,14 @@ async fn throttle(
             step.map(|s| format!(" named `{s}`")).unwrap_or_default()
         )));
     }
-    cx.control
-        .event(
-            &c,
-            plan,
-            step,
-            "override_set",
-            serde_json::json!({"set": patch, "by": runner::whoami()}),
-        )
-        .await?;
+    let set = Event::OverrideSet {
+        set: patch.clone(),
+        by: engine::whoami(),
+    };
+    cx.control.event(&c, plan, step, &set).await?;
     println!(
-        "set {patch} on {n} backfill step(s) of `{plan}`; a running backfill applies it at its next batch"
+        "set {} on {n} backfill step(s) of `{plan}`; a running backfill applies it at its next batch",
+        patch.to_json()
     );
     Ok(Exit::Ok)
 }
@@ -764,10 +758,10 @@ fn finish(plan: &str, r: Result<(), exec::Error>) -> Result<Exit, exec::Error> {
         Err(e) => {
             let code = report_error(&e);
             let next = match &e {
-                exec::Error::Cancelled { .. }
-                | exec::Error::ConnectionLost { .. }
-                | exec::Error::Paused { .. } => format!("continue with: pgshift resume {plan}"),
-                exec::Error::Step { .. } | exec::Error::Failed { .. } => format!(
+                exec::Error::Cancelled { .. } | exec::Error::ConnectionLost { .. } => {
+                    format!("continue with: pgshift resume {plan}")
+                }
+                e if e.is_step_failure() => format!(
                     "see `pgshift status {plan}`; fix the cause, then `pgshift resume {plan}` (or undo with `pgshift rollback {plan}`)"
                 ),
                 _ => String::new(),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::exec::{BackfillProgress, Reporter};
+use crate::engine::{BackfillProgress, Reporter};
 
 /// The CLI's reporter.
 pub struct Terminal {

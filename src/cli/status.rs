@@ -4,7 +4,7 @@
 use serde_json::{Value as Json, json};
 
 use super::StatusFormat;
-use crate::control::{EventRow, PlanRow, StepRow, status};
+use crate::control::{EventRow, PlanRow, Status, StepRow};
 use crate::db;
 use crate::exec::{self, Context};
 use crate::exit::Exit;
@@ -73,7 +73,7 @@ pub async fn print(
                 if plan.is_none() {
                     let done = steps
                         .iter()
-                        .filter(|s| s.status == status::SUCCEEDED)
+                        .filter(|s| s.status == Status::Succeeded)
                         .count();
                     println!(
                         "{:<32} {:<12} {done}/{} steps  updated {}",
@@ -160,7 +160,7 @@ fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
             time
         );
         if let Some(e) = &s.last_error
-            && s.status != status::SUCCEEDED
+            && s.status != Status::Succeeded
         {
             let state = s
                 .last_sqlstate
@@ -173,8 +173,8 @@ fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
                 println!("        {l}");
             }
         }
-        if s.overrides.as_object().is_some_and(|o| !o.is_empty()) {
-            println!("      operator overrides: {}", s.overrides);
+        if !s.overrides.is_empty() {
+            println!("      operator overrides: {}", s.overrides.to_json());
         }
     }
     println!("\nnext: {}", next_command(p, steps, alive));
@@ -195,7 +195,7 @@ pub fn next_command(p: &PlanRow, steps: &[StepRow], alive: bool) -> String {
             p.id, p.id
         );
     }
-    if p.status == status::RUNNING {
+    if p.status == Status::Running {
         return format!(
             "its runner{} stopped without recording it (killed or crashed); continue with `pgshift resume {}`",
             p.runner
@@ -205,24 +205,24 @@ pub fn next_command(p: &PlanRow, steps: &[StepRow], alive: bool) -> String {
             p.id
         );
     }
-    match p.status.as_str() {
-        status::SUCCEEDED => "nothing: the plan is done".into(),
-        status::ROLLED_BACK => format!(
+    match p.status {
+        Status::Succeeded => "nothing: the plan is done".into(),
+        Status::RolledBack => format!(
             "nothing, or apply it again: `pgshift plan apply {}`",
             p.file
         ),
-        status::WAITING => {
+        Status::Waiting => {
             let gate = steps
                 .iter()
-                .find(|s| s.status == status::WAITING)
+                .find(|s| s.status == Status::Waiting)
                 .map(|s| s.name.clone())
                 .unwrap_or_default();
             format!("do what gate `{gate}` asks, then `pgshift resume {}`", p.id)
         }
-        status::FAILED => {
+        Status::Failed => {
             let failed = steps
                 .iter()
-                .find(|s| s.status == status::FAILED)
+                .find(|s| s.status == Status::Failed)
                 .map(|s| s.name.clone())
                 .unwrap_or_default();
             format!(

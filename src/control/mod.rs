@@ -5,27 +5,38 @@
 //! `succeeded` mark is written inside the step's own transaction, so the record
 //! and the change commit together or not at all.
 
-use serde_json::{Value as Json, json};
+pub mod types;
+
+use serde_json::Value as Json;
 use tokio_postgres::{Client, GenericClient, Row};
 
 use crate::db::Error;
 use crate::ident::quote_ident;
-use crate::plan::Plan;
+pub use types::{Checkpoint, Event, Overrides, Status};
 
 /// The version of `schema.sql`; bump it with a migration when the tables change.
 pub const SCHEMA_VERSION: i32 = 1;
 
 const SCHEMA_SQL: &str = include_str!("schema.sql");
 
-/// Step and plan statuses as stored.
-pub mod status {
-    pub const PENDING: &str = "pending";
-    pub const RUNNING: &str = "running";
-    pub const SUCCEEDED: &str = "succeeded";
-    pub const FAILED: &str = "failed";
-    pub const INTERRUPTED: &str = "interrupted";
-    pub const WAITING: &str = "waiting";
-    pub const ROLLED_BACK: &str = "rolled_back";
+/// What the control schema records of a plan when it first runs.
+#[derive(Debug, Clone)]
+pub struct PlanRecord {
+    pub id: String,
+    pub checksum: String,
+    /// The plan file, as an absolute path where it can be made one.
+    pub file: String,
+    pub description: Option<String>,
+    pub steps: Vec<StepRecord>,
+}
+
+/// One step of a [`PlanRecord`].
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub position: i32,
+    pub phase: &'static str,
+    pub name: String,
+    pub kind: &'static str,
 }
 
 /// Access to the control tables of one control schema.
@@ -41,7 +52,7 @@ pub struct PlanRow {
     pub id: String,
     pub checksum: String,
     pub file: String,
-    pub status: String,
+    pub status: Status,
     pub applied_by: String,
     pub runner: Option<String>,
     pub started_at: String,
@@ -58,7 +69,7 @@ pub struct StepRow {
     pub phase: String,
     pub name: String,
     pub kind: String,
-    pub status: String,
+    pub status: Status,
     pub attempts: i32,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -68,7 +79,7 @@ pub struct StepRow {
     pub checkpoint: Option<Json>,
     pub rows_done: i64,
     pub rows_total: Option<i64>,
-    pub overrides: Json,
+    pub overrides: Overrides,
 }
 
 impl Control {
@@ -79,8 +90,17 @@ impl Control {
         }
     }
 
+    /// The control schema's name, quoted for SQL.
+    pub fn quoted(&self) -> &str {
+        &self.quoted
+    }
+
     /// `sql` with `__SCHEMA__` replaced by the quoted control schema.
-    pub fn sql(&self, sql: &str) -> String {
+    ///
+    /// Only pgshift's own fixed text goes through here (hence `'static`): SQL
+    /// that holds a plan's expressions takes the schema as a quoted identifier
+    /// when it is generated, so that nothing a plan writes is ever rewritten.
+    pub fn sql(&self, sql: &'static str) -> String {
         sql.replace("__SCHEMA__", &self.quoted)
     }
 
@@ -140,7 +160,11 @@ impl Control {
             tx.commit().await?;
             return self.check_version(client).await;
         }
-        tx.batch_execute(&self.sql(SCHEMA_SQL)).await.map_err(|e| {
+        let script = self
+            .sql(SCHEMA_SQL)
+            .replace("__STATUSES__", &Status::sql_list())
+            .replace("__RUNNING__", Status::Running.as_str());
+        tx.batch_execute(&script).await.map_err(|e| {
             let err = Error::from(e);
             match err.sqlstate() {
                 Some("42501") => Error::Refused(format!(
@@ -200,12 +224,12 @@ impl Control {
         c: &impl GenericClient,
         plan: &str,
         step: Option<&str>,
-        event: &str,
-        detail: Json,
+        event: &Event,
     ) -> Result<(), Error> {
+        let (name, detail) = event.to_row();
         c.execute(
             &self.sql("INSERT INTO __SCHEMA__.events (plan_id, step, event, detail) VALUES ($1, $2, $3, $4)"),
-            &[&plan, &step, &event, &detail],
+            &[&plan, &step, &name, &detail],
         )
         .await?;
         Ok(())
@@ -218,20 +242,24 @@ impl Control {
     pub async fn register(
         &self,
         client: &mut Client,
-        plan: &Plan,
+        plan: &PlanRecord,
         applied_by: &str,
     ) -> Result<Option<PlanRow>, Error> {
         let tx = client.transaction().await?;
         let existing = self.plan_row(&tx, &plan.id).await?;
         if existing.is_none() {
-            // The absolute path, so that `resume PLAN_ID` finds the file from any directory.
-            let file = std::fs::canonicalize(&plan.file).unwrap_or_else(|_| plan.file.clone());
             tx.execute(
                 &self.sql("INSERT INTO __SCHEMA__.plans (id, checksum, file, description, applied_by, application_name) VALUES ($1, $2, $3, $4, $5, 'pgshift')"),
-                &[&plan.id, &plan.checksum.0, &file.display().to_string(), &plan.description, &applied_by],
+                &[&plan.id, &plan.checksum, &plan.file, &plan.description, &applied_by],
             )
             .await?;
-            self.event(&tx, &plan.id, None, "plan_registered", json!({"checksum": plan.checksum.0, "file": plan.file.display().to_string(), "by": applied_by, "steps": plan.steps.len()})).await?;
+            let registered = Event::PlanRegistered {
+                checksum: plan.checksum.clone(),
+                file: plan.file.clone(),
+                by: applied_by.to_string(),
+                steps: plan.steps.len(),
+            };
+            self.event(&tx, &plan.id, None, &registered).await?;
         }
         self.sync_steps(&tx, plan).await?;
         tx.commit().await?;
@@ -239,7 +267,11 @@ impl Control {
     }
 
     /// Makes `steps` match the plan's steps (insert missing, update positions).
-    pub async fn sync_steps(&self, tx: &impl GenericClient, plan: &Plan) -> Result<(), Error> {
+    pub async fn sync_steps(
+        &self,
+        tx: &impl GenericClient,
+        plan: &PlanRecord,
+    ) -> Result<(), Error> {
         // Positions move in two passes to keep UNIQUE (plan_id, position) satisfied.
         tx.execute(
             &self.sql(
@@ -254,7 +286,7 @@ impl Control {
                     "INSERT INTO __SCHEMA__.steps (plan_id, position, phase, name, kind) VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (plan_id, name) DO UPDATE SET position = EXCLUDED.position, phase = EXCLUDED.phase, kind = EXCLUDED.kind",
                 ),
-                &[&plan.id, &(s.position as i32), &s.phase.as_str(), &s.name, &s.kind.name()],
+                &[&plan.id, &s.position, &s.phase, &s.name, &s.kind],
             )
             .await?;
         }
@@ -287,11 +319,11 @@ impl Control {
             .query(
                 &self.sql(
                     "SELECT position, phase, name, kind, status, attempts, started_at::text, finished_at::text,
-                            extract(epoch FROM coalesce(finished_at, CASE WHEN status = 'running' THEN now() END) - started_at)::float8,
+                            extract(epoch FROM coalesce(finished_at, CASE WHEN status = $2 THEN now() END) - started_at)::float8,
                             last_error, last_sqlstate, checkpoint, rows_done, rows_total, overrides
                      FROM __SCHEMA__.steps WHERE plan_id = $1 AND position >= 0 ORDER BY position",
                 ),
-                &[&plan],
+                &[&plan, &Status::Running.as_str()],
             )
             .await?;
         Ok(rows
@@ -311,7 +343,7 @@ impl Control {
                 checkpoint: r.get(11),
                 rows_done: r.get(12),
                 rows_total: r.get(13),
-                overrides: r.get(14),
+                overrides: Overrides::from_json(&r.get::<_, Json>(14)),
             })
             .collect())
     }
@@ -320,14 +352,15 @@ impl Control {
         &self,
         c: &impl GenericClient,
         plan: &str,
-        status: &str,
+        status: Status,
     ) -> Result<(), Error> {
+        let ended = matches!(status, Status::Succeeded | Status::RolledBack);
         c.execute(
             &self.sql(
                 "UPDATE __SCHEMA__.plans SET status = $2, updated_at = now(),
-                   finished_at = CASE WHEN $2 IN ('succeeded', 'rolled_back') THEN now() ELSE NULL END WHERE id = $1",
+                   finished_at = CASE WHEN $3 THEN now() ELSE NULL END WHERE id = $1",
             ),
-            &[&plan, &status],
+            &[&plan, &status.as_str(), &ended],
         )
         .await?;
         Ok(())
@@ -357,38 +390,45 @@ impl Control {
     ) -> Result<(), Error> {
         c.execute(
             &self.sql(
-                "UPDATE __SCHEMA__.steps SET status = 'running', attempts = attempts + 1,
-                   started_at = coalesce(CASE WHEN status IN ('pending', 'rolled_back') THEN NULL ELSE started_at END, now()),
+                "UPDATE __SCHEMA__.steps SET status = $3, attempts = attempts + 1,
+                   started_at = coalesce(CASE WHEN status IN ($4, $5) THEN NULL ELSE started_at END, now()),
                    finished_at = NULL WHERE plan_id = $1 AND name = $2",
             ),
-            &[&plan, &step],
+            &[
+                &plan,
+                &step,
+                &Status::Running.as_str(),
+                &Status::Pending.as_str(),
+                &Status::RolledBack.as_str(),
+            ],
         )
         .await?;
         Ok(())
     }
 
-    /// Sets a step's status; `succeeded`, `failed`, `rolled_back` also set `finished_at`.
+    /// Sets a step's status; a final one ([`Status::is_final`]) also sets `finished_at`.
     pub async fn step_status(
         &self,
         c: &impl GenericClient,
         plan: &str,
         step: &str,
-        status: &str,
+        status: Status,
         error: Option<(&str, Option<&str>)>,
     ) -> Result<(), Error> {
         let (msg, state) = match error {
             Some((m, s)) => (Some(m), s),
             None => (None, None),
         };
+        let clears = status == Status::Succeeded;
         c.execute(
             &self.sql(
                 "UPDATE __SCHEMA__.steps SET status = $3,
-                   finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'rolled_back') THEN now() ELSE finished_at END,
-                   last_error = CASE WHEN $4::text IS NOT NULL THEN $4 WHEN $3 = 'succeeded' THEN NULL ELSE last_error END,
-                   last_sqlstate = CASE WHEN $4::text IS NOT NULL THEN $5 WHEN $3 = 'succeeded' THEN NULL ELSE last_sqlstate END
+                   finished_at = CASE WHEN $6 THEN now() ELSE finished_at END,
+                   last_error = CASE WHEN $4::text IS NOT NULL THEN $4 WHEN $7 THEN NULL ELSE last_error END,
+                   last_sqlstate = CASE WHEN $4::text IS NOT NULL THEN $5 WHEN $7 THEN NULL ELSE last_sqlstate END
                  WHERE plan_id = $1 AND name = $2",
             ),
-            &[&plan, &step, &status, &msg, &state],
+            &[&plan, &step, &status.as_str(), &msg, &state, &status.is_final(), &clears],
         )
         .await?;
         Ok(())
@@ -511,7 +551,7 @@ impl Control {
         c: &impl GenericClient,
         plan: &str,
         step: &str,
-    ) -> Result<Json, Error> {
+    ) -> Result<Overrides, Error> {
         let row = c
             .query_opt(
                 &self
@@ -519,7 +559,9 @@ impl Control {
                 &[&plan, &step],
             )
             .await?;
-        Ok(row.map(|r| r.get(0)).unwrap_or_else(|| json!({})))
+        Ok(row
+            .map(|r| Overrides::from_json(&r.get::<_, Json>(0)))
+            .unwrap_or_default())
     }
 
     /// Merges `patch` into the overrides of every backfill step of the plan; returns how many.
@@ -528,12 +570,12 @@ impl Control {
         c: &impl GenericClient,
         plan: &str,
         step: Option<&str>,
-        patch: &Json,
+        patch: &Overrides,
     ) -> Result<u64, Error> {
         Ok(c
             .execute(
                 &self.sql("UPDATE __SCHEMA__.steps SET overrides = overrides || $3 WHERE plan_id = $1 AND kind = 'backfill' AND ($2::text IS NULL OR name = $2)"),
-                &[&plan, &step, patch],
+                &[&plan, &step, &patch.to_json()],
             )
             .await?)
     }

@@ -1,5 +1,6 @@
 -- pgshift's control schema, version 1. Created on first use, idempotently.
--- `__SCHEMA__` is replaced by the quoted control schema name.
+-- `__SCHEMA__` is replaced by the quoted control schema name, `__STATUSES__`
+-- and `__RUNNING__` by the statuses of `types.rs` (their one home).
 -- A transaction-scoped advisory lock (taken by the caller) serialises two
 -- runners that race to create it.
 
@@ -17,7 +18,7 @@ CREATE TABLE IF NOT EXISTS __SCHEMA__.plans (
     file             text NOT NULL,
     description      text,
     status           text NOT NULL DEFAULT 'pending'
-                     CHECK (status IN ('pending', 'running', 'succeeded', 'failed', 'interrupted', 'waiting', 'rolled_back')),
+                     CHECK (status IN (__STATUSES__)),
     applied_by       text NOT NULL,           -- user@host of the runner that started it
     application_name text,
     runner           text,                    -- who runs it now (user@host pid N), NULL when nobody
@@ -35,7 +36,7 @@ CREATE TABLE IF NOT EXISTS __SCHEMA__.steps (
     name          text NOT NULL,
     kind          text NOT NULL,
     status        text NOT NULL DEFAULT 'pending'
-                  CHECK (status IN ('pending', 'running', 'succeeded', 'failed', 'interrupted', 'waiting', 'rolled_back')),
+                  CHECK (status IN (__STATUSES__)),
     attempts      integer NOT NULL DEFAULT 0,
     started_at    timestamptz,
     finished_at   timestamptz,
@@ -50,7 +51,7 @@ CREATE TABLE IF NOT EXISTS __SCHEMA__.steps (
 );
 
 -- At most one running step per plan.
-CREATE UNIQUE INDEX IF NOT EXISTS steps_one_running ON __SCHEMA__.steps (plan_id) WHERE status = 'running';
+CREATE UNIQUE INDEX IF NOT EXISTS steps_one_running ON __SCHEMA__.steps (plan_id) WHERE status = '__RUNNING__';
 
 -- Backfill progress per worker: each worker owns one contiguous key range and
 -- commits its checkpoint with every batch it applies.

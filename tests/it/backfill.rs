@@ -11,8 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgshift::control::Control;
+use pgshift::control::Status;
 use pgshift::db::{self, Target};
-use pgshift::exec::{self, BackfillProgress, Context, Options, Outcome, Reporter};
+use pgshift::engine::{self as exec, BackfillProgress, Context, Options, Outcome, Reporter};
+use pgshift::exec::runner;
 use pgshift::plan::{Plan, StepKind};
 use tokio_util::sync::CancellationToken;
 
@@ -83,7 +85,10 @@ async fn register(db: &TestDb, plan: &Plan) {
     let mut c = connect(&db.url).await;
     let control = Control::new("pgshift");
     control.ensure(&mut c).await.unwrap();
-    control.register(&mut c, plan, "test@host").await.unwrap();
+    control
+        .register(&mut c, &runner::record(plan), "test@host")
+        .await
+        .unwrap();
 }
 
 /// Runs the plan's backfill step once, as the runner would.
@@ -107,7 +112,8 @@ pub(crate) async fn run(
     let StepKind::Backfill(spec) = &step.kind else {
         panic!("not a backfill")
     };
-    pgshift::backfill::run(&cx, &plan, &step, spec).await
+    let sx = runner::step_cx(&cx, &plan, &step, Status::Pending);
+    pgshift::kind::backfill::run(&sx, spec).await
 }
 
 async fn run_to_end(db: &TestDb, plan: &Plan) -> Arc<Recorder> {
@@ -658,7 +664,10 @@ async fn verify_fails_when_set_does_not_clear_where() {
     .await
     .unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, exec::Error::Failed { .. }), "{msg}");
+    assert!(
+        matches!(err, exec::Error::VerifyFailed { missed: 200, .. }),
+        "{msg}"
+    );
     assert!(msg.contains("200 row(s) missed"), "{msg}");
     assert!(msg.contains("v > 1000"), "{msg}");
     assert_eq!(events(&db, "verify_failed").await, 1);

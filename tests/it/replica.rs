@@ -35,7 +35,10 @@ async fn setup(url: &str, p: &pgshift::plan::Plan) -> Client {
     .unwrap();
     let control = Control::new("pgshift");
     control.ensure(&mut c).await.unwrap();
-    control.register(&mut c, p, "test@host").await.unwrap();
+    control
+        .register(&mut c, &pgshift::exec::runner::record(p), "test@host")
+        .await
+        .unwrap();
     c
 }
 

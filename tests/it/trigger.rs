@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use pgshift::exec::trigger::{names, rollback_statements, statements};
-use pgshift::plan::{Plan, StepKind, TriggerSpec};
+use pgshift::kind::TriggerSpec;
+use pgshift::kind::trigger::{names, rollback_statements, statements};
+use pgshift::plan::{Plan, StepKind};
 
 use crate::harness::*;
 

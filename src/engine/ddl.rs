@@ -4,12 +4,11 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use tokio_postgres::{Client, GenericClient};
 
-use super::{Context, Error, Outcome};
+use super::{Context, Error, Outcome, StepCx};
+use crate::control::{Event, Status};
 use crate::db;
-use crate::plan::{Plan, SqlBody, Step};
 
 /// Why one attempt ended without success.
 pub enum Attempt {
@@ -23,62 +22,58 @@ pub enum Attempt {
 
 /// Runs `work` under the step's retry policy: each retryable failure waits a
 /// capped exponential backoff with jitter, recorded as an event.
-pub async fn with_retries<F, Fut>(
-    cx: &Context,
-    plan: &Plan,
-    step: &Step,
-    what: &str,
-    mut work: F,
-) -> Result<Outcome, Error>
+pub async fn with_retries<F, Fut>(sx: &StepCx, mut work: F) -> Result<Outcome, Error>
 where
     F: FnMut(u32) -> Fut,
     Fut: std::future::Future<Output = Result<(), Attempt>>,
 {
-    let max = step.retries + 1;
+    let reporter = &sx.cx.reporter;
+    let max = sx.retries + 1;
     let mut attempt = 1;
     loop {
         match work(attempt).await {
             Ok(()) => {
-                cx.reporter.lock_done(&step.name);
+                reporter.lock_done(&sx.step);
                 return Ok(Outcome::Done);
             }
             Err(Attempt::Cancelled) => {
-                cx.reporter.lock_done(&step.name);
+                reporter.lock_done(&sx.step);
                 return Ok(Outcome::Cancelled);
             }
             Err(Attempt::Fatal(e)) => {
-                cx.reporter.lock_done(&step.name);
-                if e.is_connection_lost() {
-                    return Err(Error::ConnectionLost {
-                        step: step.name.clone(),
-                        source: e,
-                    });
-                }
-                return Err(Error::Step {
-                    step: step.name.clone(),
-                    source: e,
-                });
+                reporter.lock_done(&sx.step);
+                return Err(sx.db_error(e));
             }
             Err(Attempt::Retry(e)) => {
                 if attempt >= max {
-                    cx.reporter.lock_done(&step.name);
-                    let _ = record(cx, plan, step, "retries_exhausted", json!({"attempts": attempt, "error": e.to_string(), "sqlstate": e.sqlstate()})).await;
-                    return Err(Error::Failed {
-                        step: step.name.clone(),
-                        message: format!(
-                            "{what} did not get its lock in {attempt} attempts of {} each: {e}. The application was never blocked longer than that. Find the blocker with `pgshift status {}`, or retry later with `pgshift resume {}`",
-                            crate::plan::duration::format(step.lock_timeout),
-                            plan.id,
-                            plan.id
-                        ),
+                    reporter.lock_done(&sx.step);
+                    sx.note(&Event::RetriesExhausted {
+                        attempts: attempt,
+                        error: e.to_string(),
+                        sqlstate: e.sqlstate().map(str::to_string),
+                    })
+                    .await;
+                    return Err(Error::RetriesExhausted {
+                        plan: sx.plan.clone(),
+                        step: sx.step.clone(),
+                        attempts: attempt,
+                        lock_timeout: sx.lock_timeout,
+                        source: e,
                     });
                 }
                 let wait = db::backoff(attempt);
-                let _ = record(cx, plan, step, "retry", json!({"attempt": attempt, "of": max, "error": e.to_string(), "sqlstate": e.sqlstate(), "backoff_ms": wait.as_millis() as u64})).await;
-                tracing::info!(step = %step.name, attempt, "retrying after {e}; waiting {wait:?}");
+                sx.note(&Event::Retry {
+                    attempt,
+                    of: max,
+                    error: e.to_string(),
+                    sqlstate: e.sqlstate().map(str::to_string),
+                    backoff_ms: wait.as_millis() as u64,
+                })
+                .await;
+                tracing::info!(step = %sx.step, attempt, "retrying after {e}; waiting {wait:?}");
                 tokio::select! {
-                    _ = cx.cancel.cancelled() => {
-                        cx.reporter.lock_done(&step.name);
+                    _ = sx.cx.cancel.cancelled() => {
+                        reporter.lock_done(&sx.step);
                         return Ok(Outcome::Cancelled);
                     }
                     _ = tokio::time::sleep(wait) => {}
@@ -87,19 +82,6 @@ where
             }
         }
     }
-}
-
-async fn record(
-    cx: &Context,
-    plan: &Plan,
-    step: &Step,
-    event: &str,
-    detail: serde_json::Value,
-) -> Result<(), db::Error> {
-    let c = db::get(&cx.pool, &cx.target).await?;
-    cx.control
-        .event(&**c, &plan.id, Some(&step.name), event, detail)
-        .await
 }
 
 fn classify(e: db::Error) -> Attempt {
@@ -134,13 +116,12 @@ pub async fn cancellable<T>(
 /// Watches `pid` while it runs and reports who blocks it (from `pg_blocking_pids`).
 /// Returns when `done` fires.
 pub async fn watch_blockers(
-    cx: &Context,
-    plan: &Plan,
-    step: &Step,
+    sx: &StepCx,
     pid: i32,
     attempt: u32,
     done: tokio_util::sync::CancellationToken,
 ) {
+    let cx = &sx.cx;
     let Ok(c) = db::get(&cx.pool, &cx.target).await else {
         return;
     };
@@ -172,13 +153,17 @@ pub async fn watch_blockers(
                 format!("pid {bpid}: {query}")
             };
             cx.reporter
-                .lock_wait(&step.name, &relation, attempt, step.retries + 1, Some(&who));
+                .lock_wait(&sx.step, &relation, attempt, sx.retries + 1, Some(&who));
             if !reported {
                 reported = true;
-                let _ = cx
-                    .control
-                    .event(&**c, &plan.id, Some(&step.name), "lock_wait", json!({"attempt": attempt, "relation": relation, "blocker_pid": bpid, "blocker_type": btype, "blocker_query": query}))
-                    .await;
+                let wait = Event::LockWait {
+                    attempt,
+                    relation,
+                    blocker_pid: bpid,
+                    blocker_type: btype,
+                    blocker_query: query,
+                };
+                let _ = sx.record(&**c, &wait).await;
             }
         }
     }
@@ -187,9 +172,7 @@ pub async fn watch_blockers(
 /// Starts [`watch_blockers`] on `client`'s backend for one attempt; cancel the
 /// returned token and await the handle when the attempt ends.
 async fn start_watcher(
-    cx: &Context,
-    plan: &Plan,
-    step: &Step,
+    sx: &StepCx,
     client: &Client,
     attempt: u32,
 ) -> Result<
@@ -206,8 +189,8 @@ async fn start_watcher(
         .get(0);
     let done = tokio_util::sync::CancellationToken::new();
     let watcher = tokio::spawn({
-        let (cx, plan, step, done) = (cx.clone(), plan.clone(), step.clone(), done.clone());
-        async move { watch_blockers(&cx, &plan, &step, pid, attempt, done).await }
+        let (sx, done) = (sx.clone(), done.clone());
+        async move { watch_blockers(&sx, pid, attempt, done).await }
     });
     Ok((done, watcher))
 }
@@ -234,20 +217,19 @@ async fn lower_deadlock_timeout(tx: &impl GenericClient, lock_timeout: Duration)
     }
 }
 
-/// Runs a transactional body: statements and the step's `succeeded` mark in one transaction.
+/// Runs statements in one transaction together with the step's `mark`
+/// (`succeeded`, or `rolled_back` for a rollback) and its event.
 pub async fn run_transactional(
-    cx: &Context,
-    plan: &Plan,
-    step: &Step,
+    sx: &StepCx,
     statements: &[String],
-    mark_status: &str,
+    mark: Status,
 ) -> Result<Outcome, Error> {
-    let what = format!("step `{}`", step.name);
-    with_retries(cx, plan, step, &what, |attempt| async move {
+    let cx = &sx.cx;
+    with_retries(sx, |attempt| async move {
         let mut client = db::get(&cx.pool, &cx.target)
             .await
             .map_err(Attempt::Fatal)?;
-        let (done, watcher) = start_watcher(cx, plan, step, &client, attempt).await?;
+        let (done, watcher) = start_watcher(sx, &client, attempt).await?;
         let result = async {
             let raw: &mut tokio_postgres::Client = &mut client;
             let tx = raw
@@ -255,32 +237,27 @@ pub async fn run_transactional(
                 .await
                 .map_err(|e| Attempt::Fatal(e.into()))?;
             let token = tx.cancel_token();
-            db::set_local_timeouts(&tx, step.lock_timeout, step.statement_timeout)
+            db::set_local_timeouts(&tx, sx.lock_timeout, sx.statement_timeout)
                 .await
                 .map_err(Attempt::Fatal)?;
-            lower_deadlock_timeout(&tx, step.lock_timeout).await;
+            lower_deadlock_timeout(&tx, sx.lock_timeout).await;
             for s in statements {
                 cancellable(cx, &token, tx.batch_execute(s)).await?;
             }
             cx.control
-                .step_status(&tx, &plan.id, &step.name, mark_status, None)
+                .step_status(&tx, &sx.plan, &sx.step, mark, None)
                 .await
                 .map_err(Attempt::Fatal)?;
-            let event = if mark_status == "rolled_back" {
-                "rollback_done"
+            let event = if mark == Status::RolledBack {
+                Event::RollbackDone {
+                    attempt: Some(attempt),
+                }
             } else {
-                "step_succeeded"
+                Event::StepSucceeded {
+                    attempt: Some(attempt),
+                }
             };
-            cx.control
-                .event(
-                    &tx,
-                    &plan.id,
-                    Some(&step.name),
-                    event,
-                    json!({"attempt": attempt}),
-                )
-                .await
-                .map_err(Attempt::Fatal)?;
+            sx.record(&tx, &event).await.map_err(Attempt::Fatal)?;
             if cx.cancel.is_cancelled() {
                 // Dropping the transaction rolls it back: neither the change nor the mark.
                 return Err(Attempt::Cancelled);
@@ -298,75 +275,46 @@ pub async fn run_transactional(
 /// Runs one statement that cannot run in a transaction (CREATE INDEX CONCURRENTLY, …)
 /// on a connection of its own with session timeouts, never a pooled one.
 ///
-/// Before every attempt an INVALID index of the same name, left by an earlier failed
-/// or killed attempt, is dropped: `IF NOT EXISTS` would otherwise keep it and report success.
-pub async fn run_non_transactional(
-    cx: &Context,
-    plan: &Plan,
-    step: &Step,
+/// `index`: the index the statement builds, if it builds one. Before every attempt
+/// an INVALID index of that name, left by an earlier failed or killed attempt, is
+/// dropped: `IF NOT EXISTS` would otherwise keep it and report success.
+pub async fn run_alone(
+    sx: &StepCx,
     statement: &str,
+    index: Option<&str>,
 ) -> Result<Outcome, Error> {
-    let what = format!("step `{}`", step.name);
-    let index = concurrent_index_name(statement);
-    with_retries(cx, plan, step, &what, |attempt| {
-        let index = index.clone();
-        async move {
-            let client = db::connect(&cx.target).await.map_err(Attempt::Fatal)?;
-            client
-                .batch_execute(&format!(
-                    "SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms'",
-                    step.lock_timeout.as_millis(),
-                    step.statement_timeout.as_millis()
-                ))
-                .await
-                .map_err(|e| Attempt::Fatal(e.into()))?;
-            if let Some(name) = &index {
-                drop_invalid_index(cx, plan, step, &client, name).await?;
-            }
-            let (done, watcher) = start_watcher(cx, plan, step, &client, attempt).await?;
-            let token = client.cancel_token();
-            let r = cancellable(cx, &token, client.batch_execute(statement)).await;
-            done.cancel();
-            let _ = watcher.await;
-            if r.is_err()
-                && let Some(name) = &index
-            {
-                // Leave nothing INVALID behind for the application's planner to trip on.
-                let _ = drop_invalid_index(cx, plan, step, &client, name).await;
-            }
-            r
+    let cx = &sx.cx;
+    with_retries(sx, |attempt| async move {
+        let client = db::connect(&cx.target).await.map_err(Attempt::Fatal)?;
+        // Integers rendered here: nothing from a plan is spliced into this text.
+        client
+            .batch_execute(&format!(
+                "SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms'",
+                sx.lock_timeout.as_millis(),
+                sx.statement_timeout.as_millis()
+            ))
+            .await
+            .map_err(|e| Attempt::Fatal(e.into()))?;
+        if let Some(name) = index {
+            drop_invalid_index(sx, &client, name).await?;
         }
+        let (done, watcher) = start_watcher(sx, &client, attempt).await?;
+        let token = client.cancel_token();
+        let r = cancellable(cx, &token, client.batch_execute(statement)).await;
+        done.cancel();
+        let _ = watcher.await;
+        if r.is_err()
+            && let Some(name) = index
+        {
+            // Leave nothing INVALID behind for the application's planner to trip on.
+            let _ = drop_invalid_index(sx, &client, name).await;
+        }
+        r
     })
     .await
 }
 
-/// The index a `CREATE [UNIQUE] INDEX CONCURRENTLY [IF NOT EXISTS] name` statement creates.
-pub fn concurrent_index_name(statement: &str) -> Option<String> {
-    use squawk_syntax::ast::AstNode;
-    let parse = squawk_syntax::SourceFile::parse(statement);
-    let stmt = parse.tree().stmts().next()?;
-    let node = stmt.syntax();
-    if node.kind() != squawk_syntax::SyntaxKind::CREATE_INDEX {
-        return None;
-    }
-    let path = node
-        .descendants()
-        .find(|d| d.kind() == squawk_syntax::SyntaxKind::PATH)?;
-    let text = path.text().to_string();
-    let parts = text
-        .split('.')
-        .map(|p| p.trim().to_string())
-        .collect::<Vec<_>>();
-    Some(parts.join("."))
-}
-
-async fn drop_invalid_index(
-    cx: &Context,
-    plan: &Plan,
-    step: &Step,
-    client: &Client,
-    name: &str,
-) -> Result<(), Attempt> {
+async fn drop_invalid_index(sx: &StepCx, client: &Client, name: &str) -> Result<(), Attempt> {
     let (schema, rel) = match name.rsplit_once('.') {
         Some((s, r)) => (Some(unquote(s)), unquote(r)),
         None => (None, unquote(name)),
@@ -385,19 +333,13 @@ async fn drop_invalid_index(
             .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {qualified}"))
             .await
             .map_err(|e| classify(e.into()))?;
-        let _ = cx
-            .control
-            .event(
-                client,
-                &plan.id,
-                Some(&step.name),
-                "invalid_index_dropped",
-                json!({"index": qualified}),
-            )
-            .await;
-        cx.reporter.message(&format!(
+        let dropped = Event::InvalidIndexDropped {
+            index: qualified.clone(),
+        };
+        let _ = sx.record(client, &dropped).await;
+        sx.cx.reporter.message(&format!(
             "dropped INVALID index {qualified} left by an earlier attempt of `{}`",
-            step.name
+            sx.step
         ));
     }
     Ok(())
@@ -408,29 +350,5 @@ fn unquote(s: &str) -> String {
     match s.strip_prefix('"').and_then(|x| x.strip_suffix('"')) {
         Some(q) => q.replace("\"\"", "\""),
         None => s.to_ascii_lowercase(),
-    }
-}
-
-/// The SQL of a body as statements to send one by one.
-pub fn statements_of(body: &SqlBody) -> Vec<String> {
-    body.statements.iter().map(|s| s.text.clone()).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    #[test]
-    fn index_names_are_found() {
-        assert_eq!(
-            concurrent_index_name("CREATE INDEX CONCURRENTLY IF NOT EXISTS leads_h ON leads (h)")
-                .as_deref(),
-            Some("leads_h")
-        );
-        assert_eq!(
-            concurrent_index_name("CREATE UNIQUE INDEX CONCURRENTLY s.\"Idx\" ON s.t (h)")
-                .as_deref(),
-            Some("s.\"Idx\"")
-        );
-        assert_eq!(concurrent_index_name("VACUUM t"), None);
     }
 }

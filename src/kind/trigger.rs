@@ -94,7 +94,92 @@ use sha2::{Digest, Sha256};
 use squawk_syntax::{SourceFile, SyntaxKind};
 
 use crate::ident::{Ident, MAX_IDENT_BYTES, QualifiedName, quote_ident};
-use crate::plan::TriggerSpec;
+use crate::plan::diag::Severity;
+use crate::plan::phase::Phase;
+use crate::plan::raw::{Node, Value};
+use crate::plan::read::Reader;
+
+/// The kind's key in the plan file.
+pub const KEY: &str = "trigger";
+
+/// A dual-write trigger belongs to the dual_write phase: after the columns it
+/// writes exist (expand), before the backfill fixes its key range.
+pub const PHASES: &[Phase] = &[Phase::DualWrite];
+
+/// A dual-write trigger: new columns computed from the old ones, and optionally back.
+#[derive(Debug, Clone)]
+pub struct TriggerSpec {
+    pub table: QualifiedName,
+    /// New column ← expression over `NEW` (the old shape).
+    pub set: Vec<(Ident, String)>,
+    /// Old column ← expression over `NEW` (the new shape), for renames and type changes.
+    pub reverse: Vec<(Ident, String)>,
+    /// Optional condition (over `NEW`) limiting the rows the trigger maintains.
+    pub when: Option<String>,
+}
+
+/// Reads `trigger: { table, set, reverse, when }`.
+pub fn parse(r: &mut Reader, node: &Node) -> Option<TriggerSpec> {
+    let mut table = None;
+    let mut set = None;
+    let mut reverse = Some(Vec::new());
+    let mut when = None;
+    let mut ok = true;
+    let mut saw_set = false;
+    let errors_before = r.error_count();
+    for (key, _, val) in r.entries(node, "trigger", &["table", "set", "reverse", "when"]) {
+        match key.as_str() {
+            "table" => table = r.table(val, "trigger table"),
+            "set" => {
+                saw_set = true;
+                set = r.assignments(val, "trigger `set`");
+            }
+            "reverse" => reverse = r.assignments(val, "trigger `reverse`"),
+            "when" => {
+                when = r.expression(val, "trigger `when`");
+                ok &= when.is_some();
+            }
+            _ => {}
+        }
+    }
+    // Only when `table` is absent, not when it was present and already reported
+    // (and only this step's errors count: an earlier step's must not hide this one).
+    let table_reported = r.diags[..]
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .skip(errors_before)
+        .any(|d| d.rule == "identifier" || d.rule == "empty");
+    if table.is_none() && matches!(node.value, Value::Map(_)) && !table_reported {
+        r.error(
+            node.pos,
+            "missing",
+            "trigger has no `table`",
+            Some("name the table the trigger keeps in step: `table: leads`".into()),
+        );
+    }
+    if !saw_set && matches!(node.value, Value::Map(_)) {
+        r.error(node.pos, "missing", "trigger has no `set`", Some("give the new columns and how to compute them: `set: { email_hash: \"md5(NEW.email)\" }`".into()));
+    }
+    let (table, set, reverse) = (table?, set?, reverse?);
+    if let Some((c, _)) = set
+        .iter()
+        .find(|(c, _)| reverse.iter().any(|(r, _)| r == c))
+    {
+        r.error(
+            node.pos,
+            "trigger",
+            format!("column {c} is in both `set` and `reverse`"),
+            Some("`set` names the new columns, `reverse` the old ones".into()),
+        );
+        return None;
+    }
+    ok.then_some(TriggerSpec {
+        table,
+        set,
+        reverse,
+        when,
+    })
+}
 
 /// The prefix of every object pgshift generates.
 pub const PREFIX: &str = "pgshift_";

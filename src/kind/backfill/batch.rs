@@ -20,12 +20,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value as Json;
 use tokio_postgres::Client;
 
+use super::{BackfillSet, BackfillSpec};
 use crate::db;
 use crate::ident::{Ident, quote_literal};
-use crate::plan::{BackfillSet, BackfillSpec};
-
-/// The control schema's quoted name inside generated SQL, replaced by `Control::sql`.
-const CONTROL: &str = "__SCHEMA__";
 
 /// Which of the two forms of the batch statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +94,11 @@ fn set_parts(set: &BackfillSet) -> (String, Option<String>) {
     }
 }
 
-/// The batch statement, with `__SCHEMA__` for the control schema.
+/// The batch statement; `control` is the control schema's quoted name.
+///
+/// The schema goes in here, as an identifier, and is never substituted into
+/// the text afterwards: the text holds the plan's own expressions, which may
+/// contain anything.
 ///
 /// Parameters: `$1` plan id (text), `$2` step name (text), `$3` worker (int4),
 /// `$4` batch size (int8). Returns one row: the new `last_key` (jsonb), whether
@@ -108,7 +109,7 @@ fn set_parts(set: &BackfillSet) -> (String, Option<String>) {
 /// duplicates of a non-unique key never straddle two batches. The steps row is
 /// updated last (its new value needs the row count, which needs the UPDATE to
 /// finish), so parallel workers hold that shared row only while they commit.
-pub fn statement(spec: &BackfillSpec, key: &[Ident], bound: Bound) -> String {
+pub fn statement(spec: &BackfillSpec, key: &[Ident], bound: Bound, control: &str) -> String {
     let table = spec.table.quoted();
     let row = key_row(key);
     let lower = match bound {
@@ -128,7 +129,7 @@ pub fn statement(spec: &BackfillSpec, key: &[Ident], bound: Bound) -> String {
     }
     format!(
         "WITH pgshift_range AS MATERIALIZED (
-    SELECT last_key, upper_key FROM {CONTROL}.backfill_ranges
+    SELECT last_key, upper_key FROM {control}.backfill_ranges
     WHERE plan_id = $1 AND step = $2 AND worker = $3
     FOR UPDATE
 ), pgshift_picked AS MATERIALIZED (
@@ -146,7 +147,7 @@ pub fn statement(spec: &BackfillSpec, key: &[Ident], bound: Bound) -> String {
     SELECT (SELECT count(*) FROM pgshift_picked) AS picked,
            (SELECT count(*) FROM pgshift_changed) AS changed
 ), pgshift_checkpoint AS (
-    UPDATE {CONTROL}.backfill_ranges AS r
+    UPDATE {control}.backfill_ranges AS r
     SET last_key = coalesce((SELECT {encoded} FROM pgshift_last), r.last_key),
         rows_done = r.rows_done + c.picked,
         batches = r.batches + 1,
@@ -157,7 +158,7 @@ pub fn statement(spec: &BackfillSpec, key: &[Ident], bound: Bound) -> String {
     WHERE r.plan_id = $1 AND r.step = $2 AND r.worker = $3
     RETURNING r.last_key, r.done
 ), pgshift_step AS (
-    UPDATE {CONTROL}.steps AS s
+    UPDATE {control}.steps AS s
     SET rows_done = s.rows_done + c.picked,
         checkpoint = coalesce(s.checkpoint, '{{}}'::jsonb) || jsonb_build_object(
             'rows_updated', coalesce((s.checkpoint->>'rows_updated')::bigint, 0) + c.changed)
@@ -240,9 +241,9 @@ pub async fn apply(
 
 #[cfg(test)]
 mod tests {
+    use super::super::Throttle;
     use super::*;
     use crate::ident::{parse_ident, parse_qualified};
-    use crate::plan::Throttle;
 
     fn spec(set: BackfillSet, where_: Option<&str>) -> BackfillSpec {
         BackfillSpec {
@@ -264,7 +265,7 @@ mod tests {
             Some("h IS NULL"),
         );
         let key = vec![parse_ident("id").unwrap()];
-        let sql = statement(&s, &key, Bound::AfterCheckpoint);
+        let sql = statement(&s, &key, Bound::AfterCheckpoint, "\"pgshift\"");
         assert!(
             sql.contains(r#"UPDATE "public"."leads" SET "h" = (md5(email))"#),
             "{sql}"
@@ -272,14 +273,19 @@ mod tests {
         assert!(sql.contains("AND (h IS NULL)"), "{sql}");
         // `where` says which rows need work: no second evaluation of the expression.
         assert!(!sql.contains("IS DISTINCT FROM"), "{sql}");
-        let no_where = statement(&spec(s.set.clone(), None), &key, Bound::AfterCheckpoint);
+        let no_where = statement(
+            &spec(s.set.clone(), None),
+            &key,
+            Bound::AfterCheckpoint,
+            "\"pgshift\"",
+        );
         assert!(
             no_where.contains(r#"AND ("h" IS DISTINCT FROM (md5(email)))"#),
             "{no_where}"
         );
         assert!(sql.contains(r#"("id") > (SELECT pgshift_k."id" FROM pgshift_range, jsonb_populate_record(NULL::"public"."leads", pgshift_range.last_key)"#), "{sql}");
         assert!(!sql.contains("OFFSET"));
-        let first = statement(&s, &key, Bound::FromStart);
+        let first = statement(&s, &key, Bound::FromStart, "\"pgshift\"");
         assert!(!first.contains("last_key) AS"), "{first}");
     }
 
@@ -287,7 +293,7 @@ mod tests {
     fn composite_keys_compare_as_rows_and_encode_by_name() {
         let s = spec(BackfillSet::Clause("n = n + 1".into()), None);
         let key = vec![parse_ident("tenant").unwrap(), parse_ident("Id").unwrap()];
-        let sql = statement(&s, &key, Bound::AfterCheckpoint);
+        let sql = statement(&s, &key, Bound::AfterCheckpoint, "\"pgshift\"");
         assert!(sql.contains(r#"("tenant", "id") <= "#), "{sql}");
         assert!(
             sql.contains(r#"ORDER BY "tenant" DESC, "id" DESC LIMIT 1"#),
@@ -299,5 +305,22 @@ mod tests {
         );
         assert!(sql.contains("SET n = n + 1\n"), "{sql}");
         assert!(!sql.contains("IS DISTINCT FROM"), "{sql}");
+    }
+
+    #[test]
+    fn the_control_schema_is_never_substituted_into_the_plans_expressions() {
+        // An expression that spells the old placeholder must reach the server as written.
+        let s = spec(
+            BackfillSet::Columns(vec![(
+                parse_ident("note").unwrap(),
+                "'__SCHEMA__' || email".into(),
+            )]),
+            None,
+        );
+        let key = vec![parse_ident("id").unwrap()];
+        let sql = statement(&s, &key, Bound::AfterCheckpoint, "\"ctl\"");
+        assert!(sql.contains("('__SCHEMA__' || email)"), "{sql}");
+        assert!(sql.contains("\"ctl\".backfill_ranges"), "{sql}");
+        assert!(!sql.contains("\"ctl\" || email"), "{sql}");
     }
 }

@@ -1,0 +1,173 @@
+//! Why a run or a step stopped without finishing, as variants a caller can
+//! branch on (retry, resume, stop), each knowing its exit code.
+
+use std::time::Duration;
+
+use crate::db;
+use crate::duration::format as human;
+use crate::exit::{Exit, ExitStatus};
+
+/// Why a run stopped without finishing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("another runner holds plan `{plan}`: {holder}")]
+    LockHeld { plan: String, holder: String },
+    #[error(
+        "plan `{plan}` changed since it started: the control table recorded {recorded}, the file now has {current}. Review the change; if it is intended, rerun with --accept-changed"
+    )]
+    PlanChanged {
+        plan: String,
+        recorded: String,
+        current: String,
+    },
+    #[error("interrupted during step `{step}`; its progress is saved")]
+    Cancelled { step: String },
+    #[error("plan `{plan}` stopped at gate `{step}`: {message}")]
+    Gate {
+        plan: String,
+        step: String,
+        message: String,
+    },
+    /// The server refused or failed a statement of the step (not a lost connection).
+    #[error("step `{step}` failed: {source}")]
+    Database { step: String, source: db::Error },
+    #[error("lost the connection during step `{step}`: {source}")]
+    ConnectionLost { step: String, source: db::Error },
+    /// Every attempt timed out waiting for its lock (or deadlocked).
+    #[error(
+        "step `{step}` failed: step `{step}` did not get its lock in {attempts} attempts of {} each: {source}. The application was never blocked longer than that. Find the blocker with `pgshift status {plan}`, or retry later with `pgshift resume {plan}`",
+        human(*lock_timeout)
+    )]
+    RetriesExhausted {
+        plan: String,
+        step: String,
+        attempts: u32,
+        lock_timeout: Duration,
+        source: db::Error,
+    },
+    /// The connection dropped again and again during one step.
+    #[error(
+        "step `{step}` failed: lost the connection {losses} times in a row during this step, reconnecting each time; it does not look like an outage but like something in the step that ends its own connection. Check the server log, then `pgshift resume {plan}`"
+    )]
+    Reconnects {
+        plan: String,
+        step: String,
+        losses: u32,
+    },
+    /// A check returned false or NULL (after polling, with `wait`).
+    #[error(
+        "step `{step}` failed: check returned {got}{}: `{query}`. Fix the data (or wait for it), then `pgshift resume {plan}`",
+        match waited { Some(w) => format!(" (polled {polls} times over {})", human(*w)), None => String::new() }
+    )]
+    CheckFalse {
+        plan: String,
+        step: String,
+        query: String,
+        got: &'static str,
+        polls: u32,
+        waited: Option<Duration>,
+    },
+    /// A check's query did not return one row with one boolean.
+    #[error(
+        "step `{step}` failed: a check must return one row with one boolean column, and `{query}` {shape}. Write it as a condition (`SELECT count(*) = 0 FROM …`), then `pgshift resume {plan}`"
+    )]
+    CheckShape {
+        plan: String,
+        step: String,
+        query: String,
+        shape: String,
+    },
+    /// After the last batch, rows of the range still need work.
+    #[error(
+        "step `{step}` failed: verify after the last batch: {missed} row(s) missed ({what} {missed}, expected 0). Either `set` does not make `where` false, or rows were written without the dual-write trigger; fix the plan or the data, then resume"
+    )]
+    VerifyFailed {
+        step: String,
+        missed: i64,
+        what: String,
+    },
+    /// The backfill's key cannot drive keyset batches.
+    #[error("step `{step}` failed: {reason}")]
+    UnusableKey { step: String, reason: String },
+    /// `rollback` reached a step that has none.
+    #[error(
+        "step `{step}` failed: it has no rollback, so `pgshift rollback` stops here; the steps after it were rolled back. Undo it by hand if you must, then continue with a plan file that has its rollback and `pgshift rollback {plan} --accept-changed`"
+    )]
+    NoRollback { plan: String, step: String },
+    /// A `run` step (or `run:` rollback) failed, timed out, or could not start.
+    #[error("step `{step}` failed: {message}")]
+    Command { step: String, message: String },
+    /// A phase hook (`before`/`after`) failed: it guards its phase.
+    #[error("step `hook {hook}` failed: {message}")]
+    Hook { hook: String, message: String },
+    /// Something in pgshift itself went wrong (a worker task panicked).
+    #[error("step `{step}` failed: {message}")]
+    Internal { step: String, message: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Db(#[from] db::Error),
+}
+
+impl Error {
+    /// The step the failure belongs to, if it belongs to one.
+    pub fn step(&self) -> Option<&str> {
+        match self {
+            Error::Cancelled { step }
+            | Error::Gate { step, .. }
+            | Error::Database { step, .. }
+            | Error::ConnectionLost { step, .. }
+            | Error::RetriesExhausted { step, .. }
+            | Error::Reconnects { step, .. }
+            | Error::CheckFalse { step, .. }
+            | Error::CheckShape { step, .. }
+            | Error::VerifyFailed { step, .. }
+            | Error::UnusableKey { step, .. }
+            | Error::NoRollback { step, .. }
+            | Error::Command { step, .. }
+            | Error::Internal { step, .. } => Some(step),
+            _ => None,
+        }
+    }
+
+    /// A step failed (exit 1): `status` says which and why.
+    pub fn is_step_failure(&self) -> bool {
+        self.exit() == Exit::StepFailed && !matches!(self, Error::Db(_))
+    }
+
+    /// True when the connection to the server was lost (a reconnect may cure it).
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            Error::ConnectionLost { .. } => true,
+            Error::Db(e) | Error::Database { source: e, .. } => e.is_connection_lost(),
+            _ => false,
+        }
+    }
+}
+
+impl ExitStatus for Error {
+    fn exit(&self) -> Exit {
+        match self {
+            Error::LockHeld { .. } => Exit::Locked,
+            Error::PlanChanged { .. } => Exit::PlanChanged,
+            Error::Cancelled { .. } | Error::Gate { .. } | Error::ConnectionLost { .. } => {
+                Exit::Resumable
+            }
+            Error::Database { .. }
+            | Error::RetriesExhausted { .. }
+            | Error::Reconnects { .. }
+            | Error::CheckFalse { .. }
+            | Error::CheckShape { .. }
+            | Error::VerifyFailed { .. }
+            | Error::UnusableKey { .. }
+            | Error::NoRollback { .. }
+            | Error::Command { .. }
+            | Error::Hook { .. }
+            | Error::Internal { .. } => Exit::StepFailed,
+            Error::Usage(_) => Exit::Invalid,
+            Error::Db(e) if e.is_connection_lost() => Exit::Resumable,
+            Error::Db(_) => Exit::StepFailed,
+        }
+    }
+}
