@@ -1,199 +1,27 @@
 //! The command line: clap types, output formats, and the glue from arguments to
 //! library calls. The only module (with `main.rs`) that prints.
 
+mod args;
+mod prompt;
 pub mod report;
 mod status;
+
+pub use args::*;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::Control;
-use crate::control::{Event, Overrides, Status};
+use crate::control::{Event, Overrides};
 use crate::db;
 use crate::engine;
 use crate::exec::{self, rollback, runner};
 use crate::exit::{Exit, ExitStatus};
 use crate::plan::{self, Diagnostic, Plan, Severity};
-
-/// Zero-downtime PostgreSQL schema changes: expand, dual-write, backfill, contract.
-#[derive(Debug, Parser)]
-#[command(name = "pgshift", version, about, max_term_width = 100)]
-pub struct Cli {
-    #[command(flatten)]
-    pub global: Global,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Options every command takes.
-#[derive(Debug, Args, Clone)]
-pub struct Global {
-    /// PostgreSQL connection URL (postgres://user@host:5432/db?sslmode=require).
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
-    pub database_url: Option<String>,
-    /// Schema holding pgshift's control tables.
-    #[arg(long, default_value = "pgshift", global = true)]
-    pub control_schema: String,
-    /// Progress bars on stderr: auto shows them only on a terminal.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, global = true)]
-    pub progress: ProgressMode,
-    /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-    /// More logging (-v, -vv).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    pub verbose: u8,
-    /// Less output: only errors.
-    #[arg(short, long, global = true)]
-    pub quiet: bool,
-    /// Do not ask for confirmation.
-    #[arg(long, global = true)]
-    pub yes: bool,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum ProgressMode {
-    Auto,
-    Always,
-    Never,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum OutputFormat {
-    Human,
-    Json,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Validate, show or apply a plan file.
-    #[command(subcommand)]
-    Plan(PlanCommand),
-    /// Continue an interrupted, failed-then-fixed, or gated plan from its last checkpoint.
-    Resume {
-        /// The plan id (its file is found through the control table) or the plan file.
-        plan: String,
-        /// Continue although the plan file changed since the plan started.
-        #[arg(long)]
-        accept_changed: bool,
-        #[command(flatten)]
-        reconnect: Reconnect,
-    },
-    /// Plans and steps from the control table: status, attempts, rows, last error, next command.
-    Status {
-        /// One plan's steps; without it, every plan.
-        plan: Option<String>,
-        #[arg(long, value_enum, default_value_t = StatusFormat::Table)]
-        format: StatusFormat,
-        /// Also print the plan's event log.
-        #[arg(long)]
-        events: bool,
-    },
-    /// Run the rollbacks of the plan's completed steps in reverse order.
-    Rollback {
-        /// The plan id or the plan file.
-        plan: String,
-        /// Roll back although the plan file changed since the plan started.
-        #[arg(long)]
-        accept_changed: bool,
-    },
-    /// Run or continue only the backfill steps of a started plan, with your throttles.
-    Backfill {
-        file: PathBuf,
-        /// Only this backfill step.
-        #[arg(long)]
-        step: Option<String>,
-        #[arg(long)]
-        batch_size: Option<u32>,
-        /// Pause between batches (`20ms`, `1s`).
-        #[arg(long, value_parser = parse_duration)]
-        sleep: Option<Duration>,
-        #[arg(long)]
-        max_rows_per_sec: Option<u32>,
-        /// Adapt the batch size so each batch takes about this long.
-        #[arg(long, value_parser = parse_duration)]
-        target_batch_time: Option<Duration>,
-        /// Parallel key ranges (used when the step starts; a started step keeps its split).
-        #[arg(long)]
-        workers: Option<u32>,
-        #[command(flatten)]
-        reconnect: Reconnect,
-    },
-    /// Retune or pause a running backfill from another terminal.
-    Throttle {
-        plan: String,
-        /// Only this backfill step (default: every backfill step of the plan).
-        #[arg(long)]
-        step: Option<String>,
-        #[arg(long)]
-        batch_size: Option<u32>,
-        #[arg(long, value_parser = parse_duration)]
-        sleep: Option<Duration>,
-        #[arg(long)]
-        max_rows_per_sec: Option<u32>,
-        /// Pause the backfill after its batch in flight.
-        #[arg(long, conflicts_with = "unpause")]
-        pause: bool,
-        #[arg(long)]
-        unpause: bool,
-    },
-    /// The whole flow on the bundled Clarivum plans and fixtures, against a demo database.
-    Demo {
-        /// Drop and recreate the demo database first.
-        #[arg(long)]
-        fresh: bool,
-        /// Number of leads the fixtures generate.
-        #[arg(long, default_value_t = 200_000)]
-        leads: u32,
-    },
-}
-
-#[derive(Debug, Args, Clone)]
-pub struct Reconnect {
-    /// After a lost connection, keep reconnecting this long before stopping (exit 3).
-    #[arg(long, value_parser = parse_duration, default_value = "60s")]
-    pub reconnect_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum StatusFormat {
-    Table,
-    Json,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::duration::parse(s)
-}
-
-#[derive(Debug, Subcommand)]
-pub enum PlanCommand {
-    /// Parse, check and lint plan files; touches no database. Exit 2 on any error.
-    Validate {
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-        /// `human` (compiler style) or `json` (for CI).
-        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-        format: OutputFormat,
-    },
-    /// The steps in execution order, each with the exact SQL it will run.
-    Show { file: PathBuf },
-    /// Run the plan from its first unfinished step; stops at a gate, a failure or an interrupt.
-    Apply {
-        file: PathBuf,
-        #[command(flatten)]
-        reconnect: Reconnect,
-    },
-}
 
 /// Parses the arguments, runs the command, and returns the process exit code.
 pub fn main() -> i32 {
@@ -235,68 +63,35 @@ fn init_tracing(g: &Global) {
 
 fn run(cli: Cli) -> Exit {
     let g = cli.global.clone();
+    let minute = Duration::from_secs(60);
+    let none = engine::BackfillOverrides::default;
     match cli.command {
         Command::Plan(PlanCommand::Apply { file, reconnect }) => with_runtime(
             &g,
-            |cx| async move {
-                let plan = load_or_report(&file)?;
-                announce(&cx, &plan);
-                finish(&plan.id, runner::run(&cx, &plan, runner::Mode::Apply).await)
-            },
+            |cx| async move { apply(&cx, &file).await },
             reconnect.reconnect_timeout,
-            Default::default(),
+            none(),
             false,
         ),
         Command::Resume {
             plan,
             accept_changed,
             reconnect,
-        } => {
-            let yes = g.yes;
-            with_runtime(
-                &g,
-                move |cx| async move {
-                    let plan = resolve_plan(&cx, &plan).await?;
-                    if !yes
-                        && let Some(gate) = waiting_gate(&cx, &plan).await
-                        && !confirm_gate(&plan, &gate)
-                    {
-                        return Ok(Exit::Resumable);
-                    }
-                    announce(&cx, &plan);
-                    finish(
-                        &plan.id,
-                        runner::run(&cx, &plan, runner::Mode::Resume).await,
-                    )
-                },
-                reconnect.reconnect_timeout,
-                Default::default(),
-                accept_changed,
-            )
-        }
+        } => with_runtime(
+            &g,
+            move |cx| async move { resume(&cx, &plan).await },
+            reconnect.reconnect_timeout,
+            none(),
+            accept_changed,
+        ),
         Command::Rollback {
             plan,
             accept_changed,
         } => with_runtime(
             &g,
-            move |cx| async move {
-                let plan = resolve_plan(&cx, &plan).await?;
-                if !cx.options.yes && !confirm_rollback(&cx, &plan).await? {
-                    return Ok(Exit::Invalid);
-                }
-                match rollback::rollback(&cx, &plan).await {
-                    Ok(()) => {
-                        eprintln!(
-                            "pgshift: plan `{}` rolled back; `pgshift status {}` shows each step",
-                            plan.id, plan.id
-                        );
-                        Ok(Exit::Ok)
-                    }
-                    Err(e) => Err(e),
-                }
-            },
-            Duration::from_secs(60),
-            Default::default(),
+            move |cx| async move { roll_back(&cx, &plan).await },
+            minute,
+            none(),
             accept_changed,
         ),
         Command::Backfill {
@@ -319,25 +114,7 @@ fn run(cli: Cli) -> Exit {
             };
             with_runtime(
                 &g,
-                move |cx| async move {
-                    let plan = load_or_report(&file)?;
-                    if let Some(s) = &cx.options.backfill.step
-                        && !plan
-                            .steps
-                            .iter()
-                            .any(|x| &x.name == s && matches!(x.kind, plan::StepKind::Backfill(_)))
-                    {
-                        return Err(exec::Error::Usage(format!(
-                            "plan `{}` has no backfill step `{s}`",
-                            plan.id
-                        )));
-                    }
-                    record_overrides(&cx, &plan).await?;
-                    finish(
-                        &plan.id,
-                        runner::run(&cx, &plan, runner::Mode::BackfillOnly).await,
-                    )
-                },
+                move |cx| async move { backfill(&cx, &file).await },
                 reconnect.reconnect_timeout,
                 overrides,
                 false,
@@ -351,25 +128,21 @@ fn run(cli: Cli) -> Exit {
             max_rows_per_sec,
             pause,
             unpause,
-        } => with_runtime(
-            &g,
-            move |cx| async move {
-                throttle(
-                    &cx,
-                    &plan,
-                    step.as_deref(),
-                    batch_size,
-                    sleep,
-                    max_rows_per_sec,
-                    pause,
-                    unpause,
-                )
-                .await
-            },
-            Duration::from_secs(60),
-            Default::default(),
-            false,
-        ),
+        } => {
+            let patch = Overrides {
+                batch_size,
+                sleep_ms: sleep.map(|s| s.as_millis() as u64),
+                max_rows_per_sec,
+                paused: (pause || unpause).then_some(pause),
+            };
+            with_runtime(
+                &g,
+                move |cx| async move { throttle(&cx, &plan, step.as_deref(), &patch).await },
+                minute,
+                none(),
+                false,
+            )
+        }
         Command::Status {
             plan,
             format,
@@ -377,24 +150,84 @@ fn run(cli: Cli) -> Exit {
         } => with_runtime(
             &g,
             move |cx| async move { status::print(&cx, plan.as_deref(), format, events).await },
-            Duration::from_secs(60),
-            Default::default(),
+            minute,
+            none(),
             false,
         ),
         Command::Demo { fresh, leads } => crate::demo::run(&g, fresh, leads),
         Command::Plan(PlanCommand::Validate { files, format }) => {
             validate(&files, format, cli.global.quiet)
         }
-        Command::Plan(PlanCommand::Show { file }) => match plan::load(&file) {
-            Ok(p) => {
-                print!("{}", crate::show::render(&p));
-                Exit::Ok
-            }
-            Err(e) => {
-                print_diagnostics(&e.diagnostics());
-                Exit::Invalid
-            }
-        },
+        Command::Plan(PlanCommand::Show { file }) => show(&file),
+    }
+}
+
+/// `plan apply FILE`.
+async fn apply(cx: &exec::Context, file: &Path) -> Result<Exit, exec::Error> {
+    let plan = load_or_report(file)?;
+    announce(cx, &plan);
+    finish(&plan.id, runner::run(cx, &plan, runner::Mode::Apply).await)
+}
+
+/// `resume PLAN`: a waiting gate passes only when the operator confirms it.
+async fn resume(cx: &exec::Context, arg: &str) -> Result<Exit, exec::Error> {
+    let plan = resolve_plan(cx, arg).await?;
+    if !cx.options.yes
+        && let Some(gate) = prompt::waiting_gate(cx, &plan).await
+        && !prompt::confirm_gate(&plan, &gate)
+    {
+        return Ok(Exit::Resumable);
+    }
+    announce(cx, &plan);
+    finish(&plan.id, runner::run(cx, &plan, runner::Mode::Resume).await)
+}
+
+/// `rollback PLAN`, once the operator has confirmed it.
+async fn roll_back(cx: &exec::Context, arg: &str) -> Result<Exit, exec::Error> {
+    let plan = resolve_plan(cx, arg).await?;
+    if !cx.options.yes && !prompt::confirm_rollback(cx, &plan).await? {
+        return Ok(Exit::Invalid);
+    }
+    rollback::rollback(cx, &plan).await?;
+    eprintln!(
+        "pgshift: plan `{}` rolled back; `pgshift status {}` shows each step",
+        plan.id, plan.id
+    );
+    Ok(Exit::Ok)
+}
+
+/// `backfill FILE`: only the backfill steps, with the operator's throttles.
+async fn backfill(cx: &exec::Context, file: &Path) -> Result<Exit, exec::Error> {
+    let plan = load_or_report(file)?;
+    if let Some(s) = &cx.options.backfill.step
+        && !plan
+            .steps
+            .iter()
+            .any(|x| &x.name == s && matches!(x.kind, plan::StepKind::Backfill(_)))
+    {
+        return Err(exec::Error::Usage(format!(
+            "plan `{}` has no backfill step `{s}`",
+            plan.id
+        )));
+    }
+    record_overrides(cx, &plan).await?;
+    finish(
+        &plan.id,
+        runner::run(cx, &plan, runner::Mode::BackfillOnly).await,
+    )
+}
+
+/// `plan show FILE`.
+fn show(file: &Path) -> Exit {
+    match plan::load(file) {
+        Ok(p) => {
+            print!("{}", crate::show::render(&p));
+            Exit::Ok
+        }
+        Err(e) => {
+            print_diagnostics(&e.diagnostics());
+            Exit::Invalid
+        }
     }
 }
 
@@ -567,84 +400,6 @@ async fn resolve_plan(cx: &exec::Context, arg: &str) -> Result<Plan, exec::Error
     load_or_report(&file)
 }
 
-/// The name of the gate step the plan waits at, if it waits at one.
-async fn waiting_gate(cx: &exec::Context, plan: &Plan) -> Option<String> {
-    let c = db::get(&cx.pool, &cx.target).await.ok()?;
-    let rows = cx.control.steps(&**c, &plan.id).await.ok()?;
-    rows.into_iter()
-        .find(|r| r.kind == "gate" && r.status == Status::Waiting)
-        .map(|r| r.name)
-}
-
-/// Asks on a terminal before passing a gate. Off a terminal nothing can answer, so the
-/// gate stays closed: a script that retries `resume` must never walk through a gate.
-fn confirm_gate(plan: &Plan, gate: &str) -> bool {
-    use std::io::{BufRead, IsTerminal, Write};
-    let message = match plan.step(gate).map(|s| &s.kind) {
-        Some(plan::StepKind::Gate(m)) => m.clone(),
-        _ => String::new(),
-    };
-    if !std::io::stdin().is_terminal() {
-        eprintln!(
-            "pgshift: plan `{}` waits at gate `{gate}`:\n  {message}\nthe gate stays closed: off a terminal, resume passes a gate only with --yes. When that is done, continue with:\n  pgshift --yes resume {}",
-            plan.id, plan.id
-        );
-        return false;
-    }
-    eprint!(
-        "The plan waits at gate `{gate}`: {message}\nHas that been done? Continue past the gate [y/N] "
-    );
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    let _ = std::io::stdin().lock().read_line(&mut line);
-    let yes = matches!(line.trim(), "y" | "Y" | "yes");
-    if !yes {
-        eprintln!("not resumed: the gate stays closed");
-    }
-    yes
-}
-
-/// Shows what `rollback` would undo, on which database, and asks on a terminal.
-/// Off a terminal it refuses without `--yes` and changes nothing.
-async fn confirm_rollback(cx: &exec::Context, plan: &Plan) -> Result<bool, exec::Error> {
-    use std::io::{BufRead, IsTerminal, Write};
-    let undo = rollback::preview(cx, plan).await?;
-    let dbname = cx.target.config.get_dbname().unwrap_or("postgres");
-    let mut text = format!(
-        "rollback of plan `{}` on {} (database `{dbname}`) would undo, in this order:\n",
-        plan.id, cx.target.display
-    );
-    if undo.is_empty() {
-        text.push_str("  nothing: no step of it has run here\n");
-    }
-    for (step, how) in &undo {
-        text.push_str(&format!("  {step}:\n"));
-        for h in how {
-            let first = h.lines().next().unwrap_or_default();
-            let more = if h.lines().count() > 1 { " …" } else { "" };
-            text.push_str(&format!("    {first}{more}\n"));
-        }
-    }
-    eprint!("{text}");
-    if !std::io::stdin().is_terminal() {
-        eprintln!(
-            "refused: off a terminal, rollback runs only with --yes; nothing was changed. To roll back:\n  pgshift --yes rollback {}",
-            plan.id
-        );
-        return Ok(false);
-    }
-    eprint!("Roll back plan `{}`? [y/N] ", plan.id);
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    let _ = std::io::stdin().lock().read_line(&mut line);
-    if matches!(line.trim(), "y" | "Y" | "yes") {
-        Ok(true)
-    } else {
-        eprintln!("not rolled back; nothing was changed");
-        Ok(false)
-    }
-}
-
 async fn record_overrides(cx: &exec::Context, plan: &Plan) -> Result<(), exec::Error> {
     let o = &cx.options.backfill;
     if o.batch_size.is_none()
@@ -674,18 +429,14 @@ async fn record_overrides(cx: &exec::Context, plan: &Plan) -> Result<(), exec::E
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `throttle PLAN`: stores a patch of live overrides for the plan's backfill steps.
 async fn throttle(
     cx: &exec::Context,
     plan: &str,
     step: Option<&str>,
-    batch_size: Option<u32>,
-    sleep: Option<Duration>,
-    max_rows_per_sec: Option<u32>,
-    pause: bool,
-    unpause: bool,
+    patch: &Overrides,
 ) -> Result<Exit, exec::Error> {
-    if let Some(b) = batch_size
+    if let Some(b) = patch.batch_size
         && (b == 0 || b > plan::defaults::BATCH_SIZE_LIMIT)
     {
         return Err(exec::Error::Usage(format!(
@@ -693,12 +444,6 @@ async fn throttle(
             plan::defaults::BATCH_SIZE_LIMIT
         )));
     }
-    let patch = Overrides {
-        batch_size,
-        sleep_ms: sleep.map(|s| s.as_millis() as u64),
-        max_rows_per_sec,
-        paused: (pause || unpause).then_some(pause),
-    };
     if patch.is_empty() {
         return Err(exec::Error::Usage("nothing to change: give --batch-size, --sleep, --max-rows-per-sec, --pause or --unpause".into()));
     }
@@ -709,7 +454,7 @@ async fn throttle(
             cx.control.schema
         )));
     }
-    let n = cx.control.merge_overrides(&c, plan, step, &patch).await?;
+    let n = cx.control.merge_overrides(&c, plan, step, patch).await?;
     if n == 0 {
         return Err(exec::Error::Usage(format!(
             "plan `{plan}` has no backfill step{}",

@@ -286,6 +286,18 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
         }
         run_step(cx, plan, step, pass_gate, rows.get(&step.name)).await?;
     }
+    finish_run(cx, plan, mode, held, phase).await
+}
+
+/// After the last step: the last phase's `after` hooks, the plan's mark, `on_success`.
+/// A `backfill` run leaves the plan interrupted: its other steps are still to run.
+async fn finish_run(
+    cx: &Context,
+    plan: &Plan,
+    mode: Mode,
+    held: &Held,
+    phase: Option<Phase>,
+) -> Result<(), Error> {
     if mode == Mode::BackfillOnly {
         cx.reporter
             .message("backfill steps done; continue the plan with `pgshift resume`");

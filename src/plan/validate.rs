@@ -89,7 +89,6 @@ fn plan(r: &mut Reader, path: &Path, text: &str) -> Option<Plan> {
     let mut settings = Settings::default();
     let mut hooks = Hooks::default();
     let mut steps: Vec<Step> = Vec::new();
-    let mut step_nodes: Vec<&Node> = Vec::new();
     let mut saw_phases = false;
     let top = r.entries(
         &root,
@@ -109,67 +108,11 @@ fn plan(r: &mut Reader, path: &Path, text: &str) -> Option<Plan> {
                 id = r.string(val, "id");
             }
             "description" => description = r.string(val, "description"),
-            "settings" => {
-                for (key, _, val) in r.entries(
-                    val,
-                    "settings",
-                    &["lock_timeout", "statement_timeout", "retries"],
-                ) {
-                    match key.as_str() {
-                        "lock_timeout" => {
-                            if let Some(d) = r.duration(val, "lock_timeout") {
-                                if d.is_zero() {
-                                    r.error(val.pos, "range", "lock_timeout 0 means wait forever: every application query could queue behind a DDL", Some("use a short timeout such as `500ms`; pgshift retries".into()));
-                                }
-                                settings.lock_timeout = d;
-                            }
-                        }
-                        "statement_timeout" => {
-                            if let Some(d) = r.duration(val, "statement_timeout") {
-                                settings.statement_timeout = d;
-                            }
-                        }
-                        "retries" => {
-                            if let Some(n) = r.integer(val, "retries", 0, 1000) {
-                                settings.retries = n as u32;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
+            "settings" => read_settings(r, val, &mut settings),
             "hooks" => hooks = read_hooks(r, val),
             "phases" => {
                 saw_phases = true;
-                let names: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
-                let mut last: Option<Phase> = None;
-                for (key, kn, list) in r.entries(val, "phases", &names) {
-                    let phase = Phase::parse(&key).expect("filtered by entries");
-                    if last.is_some_and(|l| l > phase) {
-                        r.warning(kn.pos, "phase-order", format!("phase `{phase}` is written after `{}` but runs before it", last.unwrap()), Some("phases always run expand → dual_write → backfill → contract; write them in that order".into()));
-                    }
-                    last = Some(phase);
-                    match &list.value {
-                        Value::Seq(items) => {
-                            for item in items {
-                                if let Some(step) = step(r, item, phase, &settings, steps.len()) {
-                                    steps.push(step);
-                                    step_nodes.push(item);
-                                }
-                            }
-                        }
-                        Value::Null => {}
-                        other => r.error(
-                            list.pos,
-                            "type",
-                            format!(
-                                "phase `{phase}` must be a list of steps (`- name: …`), not {}",
-                                other.describe()
-                            ),
-                            None,
-                        ),
-                    }
-                }
+                read_phases(r, val, &settings, &mut steps);
             }
             _ => {
                 let _ = k;
@@ -205,7 +148,7 @@ fn plan(r: &mut Reader, path: &Path, text: &str) -> Option<Plan> {
         r.step = None;
         r.error(id_pos, "id", format!("plan id `{id}` is not valid"), Some("an id has 1–63 characters: letters, digits, `_`, `-`, `.`; set `id:` in the file when the file name is not one".into()));
     }
-    check_names(r, &steps, &step_nodes);
+    check_names(r, &steps);
     resolve_drop_triggers(r, &mut steps);
     Some(Plan {
         id,
@@ -217,6 +160,71 @@ fn plan(r: &mut Reader, path: &Path, text: &str) -> Option<Plan> {
         steps,
         notes: Vec::new(),
     })
+}
+
+/// The plan's `settings`, which every step inherits.
+fn read_settings(r: &mut Reader, node: &Node, settings: &mut Settings) {
+    let val = node;
+    for (key, _, val) in r.entries(
+        val,
+        "settings",
+        &["lock_timeout", "statement_timeout", "retries"],
+    ) {
+        match key.as_str() {
+            "lock_timeout" => {
+                if let Some(d) = r.duration(val, "lock_timeout") {
+                    if d.is_zero() {
+                        r.error(val.pos, "range", "lock_timeout 0 means wait forever: every application query could queue behind a DDL", Some("use a short timeout such as `500ms`; pgshift retries".into()));
+                    }
+                    settings.lock_timeout = d;
+                }
+            }
+            "statement_timeout" => {
+                if let Some(d) = r.duration(val, "statement_timeout") {
+                    settings.statement_timeout = d;
+                }
+            }
+            "retries" => {
+                if let Some(n) = r.integer(val, "retries", 0, 1000) {
+                    settings.retries = n as u32;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The `phases` map: each phase's list of steps, in execution order.
+fn read_phases(r: &mut Reader, node: &Node, settings: &Settings, steps: &mut Vec<Step>) {
+    let val = node;
+    let names: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+    let mut last: Option<Phase> = None;
+    for (key, kn, list) in r.entries(val, "phases", &names) {
+        let phase = Phase::parse(&key).expect("filtered by entries");
+        if last.is_some_and(|l| l > phase) {
+            r.warning(kn.pos, "phase-order", format!("phase `{phase}` is written after `{}` but runs before it", last.unwrap()), Some("phases always run expand → dual_write → backfill → contract; write them in that order".into()));
+        }
+        last = Some(phase);
+        match &list.value {
+            Value::Seq(items) => {
+                for item in items {
+                    if let Some(step) = step(r, item, phase, &settings, steps.len()) {
+                        steps.push(step);
+                    }
+                }
+            }
+            Value::Null => {}
+            other => r.error(
+                list.pos,
+                "type",
+                format!(
+                    "phase `{phase}` must be a list of steps (`- name: …`), not {}",
+                    other.describe()
+                ),
+                None,
+            ),
+        }
+    }
 }
 
 fn read_hooks(r: &mut Reader, node: &Node) -> Hooks {
@@ -281,20 +289,7 @@ fn step(
     let mut allow = BTreeMap::new();
     for (key, k, val) in &entries {
         match key.as_str() {
-            "name" => {
-                if let Some(n) = r.string(val, "step name") {
-                    if !is_step_name(&n) {
-                        let example = snake_case(&n);
-                        let example = if is_step_name(&example) {
-                            example
-                        } else {
-                            "add_email_hash".into()
-                        };
-                        r.error(val.pos, "name", format!("step name `{n}` is not snake_case"), Some(format!("a step name has 1–63 characters: lower-case letters, digits and `_`, starting with a letter (e.g. `{example}`)")));
-                    }
-                    name = Some(n);
-                }
-            }
+            "name" => name = read_name(r, val),
             "description" => {
                 r.string(val, "description");
             }
@@ -338,7 +333,52 @@ fn step(
             Some("give every step a unique snake_case `name:`".into()),
         );
     }
-    let kind = match kinds.as_slice() {
+    let kind = one_kind(r, node, &kinds, phase, timeout);
+    let rollback = step_rollback(r, rollback_node, kind.as_ref());
+    if r.error_count() > errors_before {
+        return None;
+    }
+    Some(Step {
+        name: name?,
+        phase,
+        position,
+        kind: kind?,
+        rollback,
+        lock_timeout,
+        statement_timeout,
+        retries,
+        timeout,
+        allow,
+        pos: node.pos,
+    })
+}
+
+/// A step's `name`: snake_case, so it reads well in the control table and in commands.
+fn read_name(r: &mut Reader, val: &Node) -> Option<String> {
+    if let Some(n) = r.string(val, "step name") {
+        if !is_step_name(&n) {
+            let example = snake_case(&n);
+            let example = if is_step_name(&example) {
+                example
+            } else {
+                "add_email_hash".into()
+            };
+            r.error(val.pos, "name", format!("step name `{n}` is not snake_case"), Some(format!("a step name has 1–63 characters: lower-case letters, digits and `_`, starting with a letter (e.g. `{example}`)")));
+        }
+        return Some(n);
+    }
+    None
+}
+
+/// The step's one kind key, read by its kind; an error for none or several.
+fn one_kind(
+    r: &mut Reader,
+    node: &Node,
+    kinds: &[(&str, &Node, &Node)],
+    phase: Phase,
+    timeout: Option<Duration>,
+) -> Option<StepKind> {
+    match kinds {
         [] => {
             r.error(
                 node.pos,
@@ -368,8 +408,16 @@ fn step(
             );
             None
         }
-    };
-    let rollback = match (rollback_node, kind.as_ref().map(StepKind::undo)) {
+    }
+}
+
+/// The step's `rollback`, refused where the kind has none or generates its own.
+fn step_rollback(
+    r: &mut Reader,
+    rollback_node: Option<(Pos, &Node)>,
+    kind: Option<&StepKind>,
+) -> Option<Rollback> {
+    match (rollback_node, kind.map(StepKind::undo)) {
         (None, _) => None,
         (Some((at, _)), Some(Undo::Nothing)) => {
             r.error(
@@ -385,23 +433,7 @@ fn step(
             None
         }
         (Some((_, node)), _) => rollback(r, node),
-    };
-    if r.error_count() > errors_before {
-        return None;
     }
-    Some(Step {
-        name: name?,
-        phase,
-        position,
-        kind: kind?,
-        rollback,
-        lock_timeout,
-        statement_timeout,
-        retries,
-        timeout,
-        allow,
-        pos: node.pos,
-    })
 }
 
 fn read_allow(r: &mut Reader, node: &Node) -> BTreeMap<String, String> {
@@ -514,7 +546,7 @@ fn read_kind(
 }
 
 /// Names are unique, and reported at the second use with a pointer to the first.
-fn check_names(r: &mut Reader, steps: &[Step], _nodes: &[&Node]) {
+fn check_names(r: &mut Reader, steps: &[Step]) {
     let mut seen: HashMap<&str, Pos> = HashMap::new();
     for s in steps {
         if let Some(first) = seen.get(s.name.as_str()) {

@@ -93,7 +93,6 @@ pub async fn fix_ranges(
         return Ok(existing);
     }
 
-    let table = spec.table.quoted();
     let client: &mut tokio_postgres::Client = &mut *conn;
     let tx = client.transaction().await?;
     db::set_local_timeouts(&tx, sx.lock_timeout, sx.statement_timeout).await?;
@@ -107,48 +106,7 @@ pub async fn fix_ranges(
         tx.commit().await?;
         return Ok(again);
     }
-    let not_null = key
-        .iter()
-        .map(|k| format!("{} IS NOT NULL", k.quoted()))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    let upper: Option<Json> = tx
-        .query_opt(
-            &format!(
-                "SELECT {} FROM {table} WHERE {not_null} ORDER BY {} LIMIT 1",
-                batch::encode(key),
-                batch::order(key, true)
-            ),
-            &[],
-        )
-        .await?
-        .map(|r| r.get(0));
-
-    // Size: the planner's estimate scaled to the table's current size, or an exact
-    // count when the table is small or has never been analyzed.
-    let size = tx
-        .query_one(
-            "SELECT reltuples::float8, relpages::int8,
-                    pg_relation_size(oid) / current_setting('block_size')::int8
-             FROM pg_class WHERE oid = to_regclass($1)",
-            &[&table],
-        )
-        .await?;
-    let (reltuples, relpages, pages): (f64, i64, i64) = (size.get(0), size.get(1), size.get(2));
-    let rows_total: Option<i64> = if upper.is_none() {
-        Some(0)
-    } else if reltuples > 0.0 && relpages > 0 && reltuples >= 100_000.0 {
-        Some((reltuples / relpages as f64 * pages.max(relpages) as f64) as i64)
-    } else if pages <= 20_000 {
-        Some(
-            tx.query_one(&format!("SELECT count(*) FROM {table}"), &[])
-                .await?
-                .get(0),
-        )
-    } else {
-        None
-    };
-
+    let (upper, rows_total) = measure(&tx, spec, key).await?;
     let boundaries = match (&upper, settings.workers) {
         (Some(upper), n) if n > 1 => {
             split(&tx, spec, key, upper, n, rows_total.unwrap_or(i64::MAX)).await?
@@ -212,6 +170,58 @@ pub async fn fix_ranges(
     sx.record(&tx, &fixed).await?;
     tx.commit().await?;
     Ok(ranges)
+}
+
+/// The range's end (the largest key now; `None` for an empty table) and the
+/// estimated number of rows: the planner's estimate scaled to the table's
+/// current size, or an exact count when the table is small or never analyzed.
+async fn measure(
+    tx: &impl GenericClient,
+    spec: &BackfillSpec,
+    key: &[Ident],
+) -> Result<(Option<Json>, Option<i64>), db::Error> {
+    let table = spec.table.quoted();
+    let not_null = key
+        .iter()
+        .map(|k| format!("{} IS NOT NULL", k.quoted()))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let upper: Option<Json> = tx
+        .query_opt(
+            &format!(
+                "SELECT {} FROM {table} WHERE {not_null} ORDER BY {} LIMIT 1",
+                batch::encode(key),
+                batch::order(key, true)
+            ),
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+
+    let size = tx
+        .query_one(
+            "SELECT reltuples::float8, relpages::int8,
+                    pg_relation_size(oid) / current_setting('block_size')::int8
+             FROM pg_class WHERE oid = to_regclass($1)",
+            &[&table],
+        )
+        .await?;
+    let (reltuples, relpages, pages): (f64, i64, i64) = (size.get(0), size.get(1), size.get(2));
+    let rows_total: Option<i64> = if upper.is_none() {
+        Some(0)
+    } else if reltuples > 0.0 && relpages > 0 && reltuples >= 100_000.0 {
+        Some((reltuples / relpages as f64 * pages.max(relpages) as f64) as i64)
+    } else if pages <= 20_000 {
+        Some(
+            tx.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await?
+                .get(0),
+        )
+    } else {
+        None
+    };
+
+    Ok((upper, rows_total))
 }
 
 /// Up to `workers - 1` increasing keys that cut `(start, upper]` into contiguous
