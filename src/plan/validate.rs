@@ -208,7 +208,7 @@ fn read_phases(r: &mut Reader, node: &Node, settings: &Settings, steps: &mut Vec
         match &list.value {
             Value::Seq(items) => {
                 for item in items {
-                    if let Some(step) = step(r, item, phase, &settings, steps.len()) {
+                    if let Some(step) = step(r, item, phase, settings, steps.len()) {
                         steps.push(step);
                     }
                 }
