@@ -19,6 +19,13 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
 
+/// The prefix of every database (and role) a test creates: `pgshift_t_`, or
+/// `PGSHIFT_TEST_PREFIX` so that two checkouts can run their suites on one server
+/// at once without dropping each other's databases.
+pub fn prefix() -> String {
+    std::env::var("PGSHIFT_TEST_PREFIX").unwrap_or_else(|_| "pgshift_t_".to_string())
+}
+
 /// `url` with its database replaced by `db`.
 pub fn url_for(url: &str, db: &str) -> String {
     let (base, query) = match url.split_once('?') {
@@ -61,7 +68,7 @@ pub struct TestDb {
 impl TestDb {
     /// Creates (after dropping any leftover) the database `pgshift_t_<name>`.
     pub async fn create(name: &str) -> TestDb {
-        let db = format!("pgshift_t_{name}");
+        let db = format!("{}{name}", prefix());
         assert!(db.len() <= 63, "test database name too long: {db}");
         let admin = connect(&server_url()).await;
         admin

@@ -1056,7 +1056,10 @@ phases:
 #[tokio::test]
 async fn control_schema_owned_by_another_role() {
     let db = TestDb::create("hostile_foreign_control").await;
-    let (owner, migrator) = ("pgshift_t_other_owner", "pgshift_t_migrator_fc");
+    let (owner, migrator) = (
+        &format!("{}other_owner", prefix()),
+        &format!("{}migrator_fc", prefix()),
+    );
     role(&db, owner, "").await;
     let url = role(&db, migrator, "").await;
     db.exec(&format!(
@@ -1105,7 +1108,10 @@ async fn control_schema_owned_by_another_role() {
 #[tokio::test]
 async fn least_privilege_end_to_end_and_not_owner() {
     let db = TestDb::create("hostile_least_privilege").await;
-    let (migrator, stranger) = ("pgshift_t_migrator_lp", "pgshift_t_stranger_lp");
+    let (migrator, stranger) = (
+        &format!("{}migrator_lp", prefix()),
+        &format!("{}stranger_lp", prefix()),
+    );
     let url = role(&db, migrator, "NOSUPERUSER NOCREATEDB NOCREATEROLE").await;
     let url_stranger = role(&db, stranger, "NOSUPERUSER").await;
     db.exec(&format!(
