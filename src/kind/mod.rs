@@ -287,3 +287,89 @@ impl StepKind {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Snapshots of what every kind runs and how it is undone, as `plan show`
+    //! prints it: a change to generated SQL shows up as a reviewed diff.
+
+    use std::path::Path;
+
+    use crate::plan::validate::validate;
+
+    const PLAN: &str = r#"id: snapshots
+phases:
+  expand:
+    - name: add_col
+      sql: ALTER TABLE leads ADD COLUMN IF NOT EXISTS email_hash text
+      rollback: ALTER TABLE leads DROP COLUMN IF EXISTS email_hash
+    - name: add_idx
+      sql: CREATE INDEX CONCURRENTLY IF NOT EXISTS leads_email_hash_idx ON leads (email_hash)
+      rollback: DROP INDEX CONCURRENTLY IF EXISTS leads_email_hash_idx
+    - name: notify
+      run: { command: "echo expanding", timeout: 5s }
+      rollback: { run: "echo undone" }
+  dual_write:
+    - name: sync
+      trigger:
+        table: public.leads
+        set: { email_hash: "encode(sha256(lower(NEW.email)::bytea), 'hex')" }
+    - name: rename_sync
+      trigger:
+        table: customers
+        set: { display_name: NEW.fullname }
+        reverse: { fullname: NEW.display_name }
+        when: NEW.active
+  backfill:
+    - name: fill
+      backfill:
+        table: leads
+        set: { email_hash: "encode(sha256(lower(email)::bytea), 'hex')" }
+        where: email_hash IS NULL
+        batch_size: 500
+        throttle: { sleep: 20ms, target_batch_time: 200ms }
+    - name: fill_composite
+      backfill:
+        table: customers
+        key: [tenant_id, id]
+        set: { display_name: fullname }
+  contract:
+    - name: deployed
+      gate: Deploy the app that reads email_hash
+    - name: none_left
+      check: { query: "SELECT count(*) = 0 FROM leads WHERE email_hash IS NULL", wait: 1m, interval: 10s }
+    - name: stop_sync
+      drop_trigger: rename_sync
+"#;
+
+    #[test]
+    fn generated_sql_of_every_kind() {
+        let plan = validate(Path::new("snapshots.yaml"), PLAN).unwrap_or_else(|e| panic!("{e}"));
+        let mut seen = std::collections::BTreeSet::new();
+        for step in &plan.steps {
+            seen.insert(step.kind.name());
+            let mut text = format!(
+                "kind: {}\nmode: {}\n\n{}\n",
+                step.kind.name(),
+                step.kind.mode(),
+                step.kind.describe(&plan.id, &step.name)
+            );
+            let undo = step
+                .kind
+                .rollback_preview(&plan.id, &step.name, step.rollback.as_ref());
+            if !undo.is_empty() {
+                text.push_str("\n-- rollback --\n");
+                text.push_str(&super::sql::script(&undo));
+                text.push('\n');
+            }
+            insta::assert_snapshot!(step.name.clone(), text);
+        }
+        assert_eq!(
+            seen.len(),
+            StepKind::KEYS.len(),
+            "a kind has no snapshot: {seen:?}"
+        );
+    }
+
+    use super::StepKind;
+}

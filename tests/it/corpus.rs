@@ -388,6 +388,21 @@ fn every_bad_plan_is_refused_where_the_mistake_is() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// Every message of the corpus, whole, as the operator reads it: a change to any
+/// wording, position or help shows up as a reviewed snapshot diff.
+#[test]
+fn corpus_messages_snapshot() {
+    let rel = Path::new("tests/fixtures/plans/bad");
+    for file in yaml_files(&bad_dir()) {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let text = match pgshift::plan::load(&rel.join(&name)) {
+            Ok(_) => panic!("{name} validates, but the corpus holds only bad plans"),
+            Err(e) => e.to_string(),
+        };
+        insta::assert_snapshot!(name.trim_end_matches(".yaml").to_string(), text);
+    }
+}
+
 #[test]
 fn every_file_in_the_corpus_has_an_expectation() {
     let mut missing = Vec::new();
