@@ -166,3 +166,67 @@ pub fn plan_file(test: &str, name: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// The user-visible catalog of the database, outside pgshift's control schema and
+/// the system schemas, as sorted text: columns (type, nullability, default,
+/// identity), indexes (and whether valid), constraints (and whether validated),
+/// triggers, functions, sequences, views. Two databases with the same schema
+/// give the same text; a rollback must give back the text of before.
+pub async fn catalog(db: &TestDb) -> String {
+    const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast', 'pgshift') AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'";
+    let queries = [
+        format!(
+            "SELECT n.nspname || '.' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                    || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+                    || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+                    || CASE a.attidentity WHEN 'a' THEN ' identity always' WHEN 'd' THEN ' identity by default' ELSE '' END
+                    || CASE a.attgenerated WHEN 's' THEN ' generated' ELSE '' END
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+             WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND {USER_SCHEMAS}"
+        ),
+        format!(
+            "SELECT pg_get_indexdef(i.indexrelid) || CASE WHEN i.indisvalid THEN '' ELSE ' INVALID' END
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE {USER_SCHEMAS}"
+        ),
+        format!(
+            "SELECT con.conrelid::regclass || ' ' || con.conname || ' ' || pg_get_constraintdef(con.oid)
+                    || CASE WHEN con.convalidated THEN '' ELSE ' (not validated)' END
+             FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace WHERE {USER_SCHEMAS}"
+        ),
+        format!(
+            "SELECT t.tgrelid::regclass || ' trigger ' || t.tgname
+             FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE NOT t.tgisinternal AND {USER_SCHEMAS}"
+        ),
+        format!(
+            "SELECT 'function ' || n.nspname || '.' || p.proname
+             FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {USER_SCHEMAS}"
+        ),
+        format!(
+            "SELECT 'sequence ' || n.nspname || '.' || c.relname || coalesce(' owned by ' || (
+                        SELECT d.refobjid::regclass || '.' || a.attname FROM pg_depend d
+                        JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+                        WHERE d.objid = c.oid AND d.deptype IN ('a', 'i') LIMIT 1), '')
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'S' AND {USER_SCHEMAS}"
+        ),
+        format!(
+            "SELECT 'view ' || n.nspname || '.' || c.relname || ': ' || pg_get_viewdef(c.oid)
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('v', 'm') AND {USER_SCHEMAS}"
+        ),
+    ];
+    let mut out = Vec::new();
+    for q in &queries {
+        let rows = db
+            .client
+            .query(q.as_str(), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e}"));
+        let mut lines: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        lines.sort();
+        out.extend(lines);
+        out.push("--".to_string());
+    }
+    out.join("\n")
+}

@@ -10,6 +10,7 @@ mod executor;
 mod faults;
 mod harness;
 mod hostile;
+mod lifecycle;
 mod locks;
 mod plan;
 mod proof;
