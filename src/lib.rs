@@ -26,5 +26,6 @@ pub mod exec;
 pub mod exit;
 pub mod ident;
 pub mod kind;
+pub mod ops;
 pub mod plan;
 pub mod show;

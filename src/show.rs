@@ -47,6 +47,9 @@ pub fn render(plan: &Plan) -> String {
             step.kind.name(),
             mode
         );
+        if let Some(d) = &step.description {
+            let _ = writeln!(out, "     ({d})");
+        }
         if step.kind.takes_locks() {
             let _ = writeln!(
                 out,

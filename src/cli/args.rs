@@ -133,6 +133,12 @@ pub enum Command {
         #[arg(long)]
         unpause: bool,
     },
+    /// Drop what a finished plan's contract phase set aside (a retired column or table):
+    /// the end of its retention window, after which rollback cannot undo those steps.
+    Finalize {
+        /// The plan id or the plan file.
+        plan: String,
+    },
     /// The whole flow on the bundled Clarivum plans and fixtures, against a demo database.
     Demo {
         /// Drop and recreate the demo database first.
@@ -172,7 +178,19 @@ pub enum PlanCommand {
         format: OutputFormat,
     },
     /// The steps in execution order, each with the exact SQL it will run.
-    Show { file: PathBuf },
+    ///
+    /// Operations of `changes:` that need the live catalog are expanded from
+    /// the database (`--database-url`), read-only.
+    Show {
+        /// The plan file.
+        file: PathBuf,
+    },
+    /// Print the plan with every operation of `changes:` expanded into plain
+    /// steps: a plan of its own that does the same.
+    Expand {
+        /// The plan file.
+        file: PathBuf,
+    },
     /// Run the plan from its first unfinished step; stops at a gate, a failure or an interrupt.
     Apply {
         file: PathBuf,

@@ -158,7 +158,15 @@ fn run(cli: Cli) -> Exit {
         Command::Plan(PlanCommand::Validate { files, format }) => {
             validate(&files, format, cli.global.quiet)
         }
-        Command::Plan(PlanCommand::Show { file }) => show(&file),
+        Command::Plan(PlanCommand::Show { file }) => show(&g, &file, false),
+        Command::Plan(PlanCommand::Expand { file }) => show(&g, &file, true),
+        Command::Finalize { plan } => with_runtime(
+            &g,
+            move |cx| async move { finalize(&cx, &plan).await },
+            minute,
+            none(),
+            false,
+        ),
     }
 }
 
@@ -217,18 +225,96 @@ async fn backfill(cx: &exec::Context, file: &Path) -> Result<Exit, exec::Error> 
     )
 }
 
-/// `plan show FILE`.
-fn show(file: &Path) -> Exit {
-    match plan::load(file) {
-        Ok(p) => {
-            print!("{}", crate::show::render(&p));
-            Exit::Ok
-        }
+/// `plan show FILE` and `plan expand FILE`: offline when the plan needs no
+/// catalog; else with the facts recorded at the plan's first run on the
+/// database, or read from it now (read-only).
+fn show(g: &Global, file: &Path, expand: bool) -> Exit {
+    let p = match plan::load(file) {
+        Ok(p) => p,
         Err(e) => {
             print_diagnostics(&e.diagnostics());
-            Exit::Invalid
+            return Exit::Invalid;
         }
+    };
+    let p = if p.pending.is_empty() {
+        p
+    } else {
+        match with_catalog(g, &p) {
+            Ok(full) => full,
+            Err(why) => {
+                eprintln!(
+                    "error: {} of plan `{}` need the live catalog to be expanded ({}), and {why}. Point --database-url (or DATABASE_URL) at the database the plan is for; nothing is changed there",
+                    p.pending.join(", "),
+                    p.id,
+                    if p.pending.len() == 1 {
+                        "it reads"
+                    } else {
+                        "they read"
+                    },
+                );
+                return Exit::Invalid;
+            }
+        }
+    };
+    if expand {
+        print!("{}", crate::ops::yaml::emit(&p.expanded));
+    } else {
+        print!("{}", crate::show::render(&p));
     }
+    Exit::Ok
+}
+
+/// The plan expanded with the catalog of `--database-url`: the facts recorded at
+/// its first run there, or read now.
+fn with_catalog(g: &Global, p: &Plan) -> Result<Plan, String> {
+    let rt = runtime().map_err(|_| "the async runtime did not start".to_string())?;
+    let url = g
+        .database_url
+        .clone()
+        .unwrap_or_else(|| db::DEFAULT_URL.to_string());
+    let target = db::Target::parse(&url).map_err(|e| e.to_string())?;
+    let control = Control::new(&g.control_schema);
+    rt.block_on(async move {
+        let c = db::connect(&target)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let recorded = if control.exists_on(&c).await.unwrap_or(false) {
+            control
+                .last_event(&c, &p.id, "catalog_read")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|(_, d)| serde_json::from_value(d.get("catalog")?.clone()).ok())
+        } else {
+            None
+        };
+        let catalog = match recorded {
+            Some(c) => c,
+            None => crate::exec::catalog::read(&c, &p.changes)
+                .await
+                .map_err(|e| format!("reading the catalog failed: {e}"))?,
+        };
+        crate::exec::preflight::expand(p, &catalog).map_err(|e| e.to_string())
+    })
+}
+
+/// `finalize PLAN`.
+async fn finalize(cx: &exec::Context, arg: &str) -> Result<Exit, exec::Error> {
+    let plan = resolve_plan(cx, arg).await?;
+    let done = crate::exec::finalize::finalize(cx, &plan).await?;
+    if done.is_empty() {
+        eprintln!(
+            "pgshift: plan `{}` set nothing aside; it is finalized",
+            plan.id
+        );
+    } else {
+        eprintln!(
+            "pgshift: plan `{}` finalized: dropped what {} set aside; rollback can no longer undo them",
+            plan.id,
+            done.join(", ")
+        );
+    }
+    Ok(Exit::Ok)
 }
 
 /// Builds the runtime and the execution context, installs the signal handlers,
@@ -540,8 +626,16 @@ fn validate(files: &[PathBuf], format: OutputFormat, quiet: bool) -> Exit {
                 if format == OutputFormat::Human && !quiet {
                     let warnings = p.notes.clone();
                     print_diagnostics(&warnings);
+                    let pending = if p.pending.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; generated from the live catalog when it runs, and shown by `pgshift plan show` against the database: {}",
+                            p.pending.join(", ")
+                        )
+                    };
                     println!(
-                        "ok: {} (plan `{}`, {} steps)",
+                        "ok: {} (plan `{}`, {} steps{pending})",
                         file.display(),
                         p.id,
                         p.steps.len()

@@ -122,6 +122,16 @@ impl Control {
         Ok(exists)
     }
 
+    /// True when the control schema's tables exist (no version check).
+    pub async fn exists_on(&self, c: &impl GenericClient) -> Result<bool, Error> {
+        Ok(c.query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("{}.events", self.quoted)],
+        )
+        .await?
+        .get(0))
+    }
+
     pub async fn ensure(&self, client: &mut Client) -> Result<(), Error> {
         // Fast path: already there and current.
         let exists: bool = client
@@ -264,6 +274,27 @@ impl Control {
         self.sync_steps(&tx, plan).await?;
         tx.commit().await?;
         Ok(existing)
+    }
+
+    /// Records a plan that has no steps recorded yet (its pre-flight, say).
+    pub async fn insert_plan(
+        &self,
+        c: &impl GenericClient,
+        plan: &PlanRecord,
+        applied_by: &str,
+    ) -> Result<(), Error> {
+        c.execute(
+            &self.sql("INSERT INTO __SCHEMA__.plans (id, checksum, file, description, applied_by, application_name) VALUES ($1, $2, $3, $4, $5, 'pgshift') ON CONFLICT (id) DO NOTHING"),
+            &[&plan.id, &plan.checksum, &plan.file, &plan.description, &applied_by],
+        )
+        .await?;
+        let registered = Event::PlanRegistered {
+            checksum: plan.checksum.clone(),
+            file: plan.file.clone(),
+            by: applied_by.to_string(),
+            steps: plan.steps.len(),
+        };
+        self.event(c, &plan.id, None, &registered).await
     }
 
     /// Makes `steps` match the plan's steps (insert missing, update positions).
@@ -578,6 +609,22 @@ impl Control {
                 &[&plan, &step, &patch.to_json()],
             )
             .await?)
+    }
+
+    /// The details of the plan's latest event named `event`, if any.
+    pub async fn last_event(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        event: &str,
+    ) -> Result<Option<(String, Json)>, Error> {
+        let row = c
+            .query_opt(
+                &self.sql("SELECT at::text, detail FROM __SCHEMA__.events WHERE plan_id = $1 AND event = $2 ORDER BY id DESC LIMIT 1"),
+                &[&plan, &event],
+            )
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     /// Events of a plan, oldest first.

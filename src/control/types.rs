@@ -312,6 +312,19 @@ pub enum Event {
         rows_done: u64,
         verified_missed: Option<i64>,
     },
+    /// The catalog facts the plan's operations were expanded with (read at its first run).
+    CatalogRead {
+        catalog: Json,
+    },
+    /// The pre-flight found what would make the plan fail; nothing was changed.
+    PreflightFailed {
+        findings: Vec<String>,
+    },
+    /// `pgshift finalize` dropped what the contract phase set aside.
+    Finalized {
+        by: String,
+        steps: Vec<String>,
+    },
 }
 
 impl Event {

@@ -218,11 +218,12 @@ async fn lower_deadlock_timeout(tx: &impl GenericClient, lock_timeout: Duration)
 }
 
 /// Runs statements in one transaction together with the step's `mark`
-/// (`succeeded`, or `rolled_back` for a rollback) and its event.
+/// (`succeeded`, or `rolled_back` for a rollback) and its event; with no mark
+/// (`finalize`), the statements alone.
 pub async fn run_transactional(
     sx: &StepCx,
     statements: &[String],
-    mark: Status,
+    mark: Option<Status>,
 ) -> Result<Outcome, Error> {
     let cx = &sx.cx;
     with_retries(sx, |attempt| async move {
@@ -244,20 +245,22 @@ pub async fn run_transactional(
             for s in statements {
                 cancellable(cx, &token, tx.batch_execute(s)).await?;
             }
-            cx.control
-                .step_status(&tx, &sx.plan, &sx.step, mark, None)
-                .await
-                .map_err(Attempt::Fatal)?;
-            let event = if mark == Status::RolledBack {
-                Event::RollbackDone {
-                    attempt: Some(attempt),
-                }
-            } else {
-                Event::StepSucceeded {
-                    attempt: Some(attempt),
-                }
-            };
-            sx.record(&tx, &event).await.map_err(Attempt::Fatal)?;
+            if let Some(mark) = mark {
+                cx.control
+                    .step_status(&tx, &sx.plan, &sx.step, mark, None)
+                    .await
+                    .map_err(Attempt::Fatal)?;
+                let event = if mark == Status::RolledBack {
+                    Event::RollbackDone {
+                        attempt: Some(attempt),
+                    }
+                } else {
+                    Event::StepSucceeded {
+                        attempt: Some(attempt),
+                    }
+                };
+                sx.record(&tx, &event).await.map_err(Attempt::Fatal)?;
+            }
             if cx.cancel.is_cancelled() {
                 // Dropping the transaction rolls it back: neither the change nor the mark.
                 return Err(Attempt::Cancelled);

@@ -104,6 +104,12 @@ pub enum Error {
     /// Something in pgshift itself went wrong (a worker task panicked).
     #[error("step `{step}` failed: {message}")]
     Internal { step: String, message: String },
+    /// The pre-flight of the plan's operations found what would fail; nothing changed.
+    #[error(
+        "plan `{plan}` did not start: its pre-flight against the live catalog found:\n{}\nnothing was changed; fix these (or the plan), then run it again",
+        findings.iter().map(|f| format!("  - {f}")).collect::<Vec<_>>().join("\n")
+    )]
+    Preflight { plan: String, findings: Vec<String> },
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
@@ -164,6 +170,7 @@ impl ExitStatus for Error {
             | Error::NoRollback { .. }
             | Error::Command { .. }
             | Error::Hook { .. }
+            | Error::Preflight { .. }
             | Error::Internal { .. } => Exit::StepFailed,
             Error::Usage(_) => Exit::Invalid,
             Error::Db(e) if e.is_connection_lost() => Exit::Resumable,

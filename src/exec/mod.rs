@@ -3,8 +3,11 @@
 //! (`crate::kind`) on the machinery of `crate::engine`; everything is recorded
 //! in the control schema (`crate::control`).
 
+pub mod catalog;
+pub mod finalize;
 pub mod hooks;
 pub mod lock;
+pub mod preflight;
 pub mod rollback;
 pub mod runner;
 

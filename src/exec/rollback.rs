@@ -52,6 +52,8 @@ pub async fn preview(cx: &Context, plan: &Plan) -> Result<Vec<(String, Vec<Strin
     if !cx.control.exists(&c).await? || cx.control.plan_row(&c, &plan.id).await?.is_none() {
         return Ok(Vec::new());
     }
+    let expanded = super::preflight::recorded(cx, plan, &c).await?;
+    let plan = &expanded;
     let rows = step_rows(cx, &c, plan).await?;
     let mut out = Vec::new();
     for step in to_undo(plan, &rows) {
@@ -73,7 +75,10 @@ pub async fn preview(cx: &Context, plan: &Plan) -> Result<Vec<(String, Vec<Strin
 /// Runs the rollbacks of done (or partly done) steps in reverse order.
 pub async fn rollback(cx: &Context, plan: &Plan) -> Result<(), Error> {
     let mut held = lock(cx, &plan.id).await?;
-    let result = rollback_locked(cx, plan, &mut held).await;
+    let result = match super::preflight::recorded(cx, plan, &held.conn).await {
+        Ok(expanded) => rollback_locked(cx, &expanded, &mut held).await,
+        Err(e) => Err(e),
+    };
     held.release(cx).await;
     result
 }
@@ -97,6 +102,24 @@ async fn rollback_locked(cx: &Context, plan: &Plan, held: &mut Held) -> Result<(
         .set_runner(&held.conn, &plan.id, Some(&runner))
         .await?;
     let rows = step_rows(cx, &held.conn, plan).await?;
+    if let Some((at, _)) = cx
+        .control
+        .last_event(&held.conn, &plan.id, "finalized")
+        .await?
+    {
+        let gone: Vec<&str> = to_undo(plan, &rows)
+            .into_iter()
+            .filter(|s| s.finalize.is_some())
+            .map(|s| s.name.as_str())
+            .collect();
+        if !gone.is_empty() {
+            return Err(Error::Usage(format!(
+                "plan `{}` was finalized at {at}: what its steps {} set aside is dropped, so rollback cannot bring it back; nothing was changed",
+                plan.id,
+                gone.join(", ")
+            )));
+        }
+    }
     let started = Event::RollbackStarted { by: whoami() };
     cx.control
         .event(&held.conn, &plan.id, None, &started)

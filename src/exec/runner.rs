@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use tracing::Instrument;
+
 use super::hooks::{self, Notice};
 use super::lock::{Held, lock, relock};
 use crate::control::{Event, PlanRecord, Status, StepRecord, StepRow};
@@ -65,6 +67,16 @@ pub fn step_cx(cx: &Context, plan: &Plan, step: &Step, previous: Status) -> Step
 /// Runs the plan (apply, resume, or only its backfills). Releases the lock on every path.
 pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
     let mut held = lock(cx, &plan.id).await?;
+    // The plan's operations, expanded with the live catalog (checked by the
+    // pre-flight before its first step) or with the facts recorded then.
+    let prepared = match super::preflight::prepare(cx, plan, &held.conn).await {
+        Ok(p) => p,
+        Err(e) => {
+            held.release(cx).await;
+            return Err(e);
+        }
+    };
+    let plan = &prepared;
     // `None` once the lock connection is gone for good (reconnecting failed).
     let mut kept: Option<Held> = None;
     // Reconnects in a row during the same step: a step that loses its connection every
@@ -365,7 +377,6 @@ async fn run_step(
     pass_gate: bool,
     row: Option<&StepRow>,
 ) -> Result<(), Error> {
-    let _span = tracing::info_span!("step", plan = %plan.id, step = %step.name).entered();
     let previous = row.map(|r| r.status).unwrap_or(Status::Pending);
     let sx = step_cx(cx, plan, step, previous);
     {
@@ -389,7 +400,13 @@ async fn run_step(
     } else {
         "the operator (resume)"
     };
-    let outcome = step.kind.execute(&sx, pass_gate.then_some(by)).await;
+    // A span for the step's logs; instrumenting (not entering) keeps the future Send.
+    let span = tracing::info_span!("step", plan = %plan.id, step = %step.name);
+    let outcome = step
+        .kind
+        .execute(&sx, pass_gate.then_some(by))
+        .instrument(span)
+        .await;
     let c = match db::get(&cx.pool, &cx.target).await {
         Ok(c) => c,
         Err(e) => {

@@ -216,11 +216,11 @@ impl StepKind {
             StepKind::Sql(body) => sql::execute(sx, body).await,
             StepKind::Trigger(t) => {
                 let statements = trigger::statements(&sx.plan, &sx.step, t);
-                ddl::run_transactional(sx, &statements, Status::Succeeded).await
+                ddl::run_transactional(sx, &statements, Some(Status::Succeeded)).await
             }
             StepKind::DropTrigger(d) => {
                 let statements = drop_trigger::statements(&sx.plan, d);
-                ddl::run_transactional(sx, &statements, Status::Succeeded).await
+                ddl::run_transactional(sx, &statements, Some(Status::Succeeded)).await
             }
             StepKind::Backfill(spec) => backfill::run(sx, spec).await,
             StepKind::Check(c) => check::execute(sx, c).await,
@@ -238,7 +238,7 @@ impl StepKind {
         own: Option<&Rollback>,
     ) -> Result<(Outcome, bool), Error> {
         if let Some(statements) = self.generated_rollback(&sx.plan, &sx.step) {
-            let outcome = ddl::run_transactional(sx, &statements, Status::RolledBack).await?;
+            let outcome = ddl::run_transactional(sx, &statements, Some(Status::RolledBack)).await?;
             return Ok((outcome, true));
         }
         match (self.undo(), own) {
@@ -248,7 +248,8 @@ impl StepKind {
                 Ok((Outcome::Done, false))
             }
             (_, Some(Rollback::Sql(body))) if body.transactional => {
-                let outcome = ddl::run_transactional(sx, &body.texts(), Status::RolledBack).await?;
+                let outcome =
+                    ddl::run_transactional(sx, &body.texts(), Some(Status::RolledBack)).await?;
                 Ok((outcome, true))
             }
             (_, Some(Rollback::Sql(body))) => {

@@ -136,7 +136,7 @@ pub fn parse_body(r: &mut Reader, node: &Node, what: &str) -> Option<SqlBody> {
 /// Runs the step: in one transaction with its mark, or alone.
 pub async fn execute(sx: &StepCx, body: &SqlBody) -> Result<Outcome, Error> {
     if body.transactional {
-        ddl::run_transactional(sx, &body.texts(), Status::Succeeded).await
+        ddl::run_transactional(sx, &body.texts(), Some(Status::Succeeded)).await
     } else {
         run_alone(sx, &body.statements[0].text).await
     }

@@ -34,6 +34,8 @@ pub struct Settings {
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
     pub retries: u32,
+    /// How long what the contract phase set aside is kept before finalize is due.
+    pub retain: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -42,6 +44,7 @@ impl Default for Settings {
             lock_timeout: defaults::LOCK_TIMEOUT,
             statement_timeout: defaults::STATEMENT_TIMEOUT,
             retries: defaults::RETRIES,
+            retain: None,
         }
     }
 }
@@ -61,11 +64,25 @@ pub struct Plan {
     /// Lint findings that an `allow` acknowledged (unacknowledged ones make the plan invalid),
     /// and warnings: `plan show` prints them.
     pub notes: Vec<Diagnostic>,
+    /// The operations of `changes:`, as written.
+    pub changes: Vec<crate::ops::Change>,
+    /// Operations whose steps need the live catalog and are not in `steps` yet
+    /// (validated offline); empty for a plan that can run.
+    pub pending: Vec<String>,
+    /// The file's text, to expand it again once the catalog is known.
+    pub text: String,
+    /// The plan with every operation expanded, as `plan expand` prints it.
+    pub expanded: raw::Node,
 }
 
 impl Plan {
     pub fn step(&self, name: &str) -> Option<&Step> {
         self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// True when the plan's operations read facts of the live catalog.
+    pub fn needs_catalog(&self) -> bool {
+        self.changes.iter().any(|c| c.op.needs_catalog())
     }
 
     /// The first contract step without a rollback: past it the plan cannot be undone.
@@ -90,6 +107,8 @@ pub struct Hooks {
 #[derive(Debug, Clone)]
 pub struct Step {
     pub name: String,
+    /// What the step is for; generated steps say which operation made them.
+    pub description: Option<String>,
     pub phase: Phase,
     /// 0-based position in execution order.
     pub position: usize,
@@ -104,6 +123,10 @@ pub struct Step {
     pub allow: BTreeMap<String, String>,
     /// Where the step starts in the file.
     pub pos: Pos,
+    /// What `pgshift finalize` runs to drop what this contract step set aside.
+    pub finalize: Option<crate::kind::SqlBody>,
+    /// Made by an operation of `changes:`: its findings point at that operation.
+    pub generated: bool,
 }
 
 impl Step {

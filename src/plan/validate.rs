@@ -13,10 +13,12 @@ use super::raw::{self, Node, Pos, Value};
 use super::read::{Reader, suggest};
 use super::*;
 use crate::kind::{ParseCx, Undo, drop_trigger, run, sql};
+use crate::ops::{self, Catalog};
 
 /// Keys a step may have besides its kind key.
-const STEP_KEYS: [&str; 7] = [
+const STEP_KEYS: [&str; 8] = [
     "rollback",
+    "finalize",
     "lock_timeout",
     "statement_timeout",
     "retries",
@@ -33,10 +35,16 @@ fn step_keys() -> Vec<&'static str> {
     keys
 }
 
-/// Validates the text of a plan file read from `path`.
+/// Validates the text of a plan file read from `path`, with no catalog: the
+/// operations of `changes:` that need one are left pending (see [`Plan::pending`]).
 pub fn validate(path: &Path, text: &str) -> Result<Plan, Error> {
+    validate_with(path, text, None)
+}
+
+/// Validates the text of a plan file, expanding its operations with `catalog`.
+pub fn validate_with(path: &Path, text: &str, catalog: Option<&Catalog>) -> Result<Plan, Error> {
     let mut v = Reader::new(path.to_path_buf());
-    let plan = plan(&mut v, path, text);
+    let plan = plan(&mut v, path, text, catalog);
     let mut notes = Vec::new();
     if let Some(mut plan) = plan.filter(|_| !v.has_errors()) {
         for d in lint::lint(&plan) {
@@ -60,7 +68,7 @@ pub fn validate(path: &Path, text: &str) -> Result<Plan, Error> {
     })
 }
 
-fn plan(r: &mut Reader, path: &Path, text: &str) -> Option<Plan> {
+fn plan(r: &mut Reader, path: &Path, text: &str, catalog: Option<&Catalog>) -> Option<Plan> {
     let root = match raw::parse(text) {
         Ok(n) => n,
         Err(e) => {
@@ -79,7 +87,7 @@ fn plan(r: &mut Reader, path: &Path, text: &str) -> Option<Plan> {
             Pos { line: 1, col: 1 },
             "empty",
             "the plan file is empty",
-            Some("a plan needs at least `phases:` with one step".into()),
+            Some("a plan needs `phases:` with at least one step, or `changes:`".into()),
         );
         return None;
     }
@@ -88,20 +96,29 @@ fn plan(r: &mut Reader, path: &Path, text: &str) -> Option<Plan> {
     let mut description = None;
     let mut settings = Settings::default();
     let mut hooks = Hooks::default();
-    let mut steps: Vec<Step> = Vec::new();
+    let mut written: PhaseNodes = BTreeMap::new();
+    let mut changes = Vec::new();
     let mut saw_phases = false;
+    let mut saw_changes = false;
     let top = r.entries(
         &root,
         "the plan",
-        &["id", "description", "settings", "hooks", "phases"],
+        &[
+            "id",
+            "description",
+            "settings",
+            "hooks",
+            "changes",
+            "phases",
+        ],
     );
     // Settings first: steps inherit them wherever `settings` is written.
     let ordered = top
         .iter()
         .filter(|e| e.0 == "settings")
         .chain(top.iter().filter(|e| e.0 != "settings"));
-    for (key, k, val) in ordered {
-        let (k, val) = (*k, *val);
+    for (key, _, val) in ordered {
+        let val = *val;
         match key.as_str() {
             "id" => {
                 id_pos = val.pos;
@@ -110,33 +127,27 @@ fn plan(r: &mut Reader, path: &Path, text: &str) -> Option<Plan> {
             "description" => description = r.string(val, "description"),
             "settings" => read_settings(r, val, &mut settings),
             "hooks" => hooks = read_hooks(r, val),
+            "changes" => {
+                saw_changes = true;
+                changes = ops::parse(r, val);
+            }
             "phases" => {
                 saw_phases = true;
-                read_phases(r, val, &settings, &mut steps);
+                written = phase_nodes(r, val);
             }
-            _ => {
-                let _ = k;
-            }
+            _ => {}
         }
     }
-    if !saw_phases && matches!(root.value, Value::Map(_)) {
+    if !saw_phases && !saw_changes && matches!(root.value, Value::Map(_)) {
         r.error(
             root.pos,
             "missing",
-            "the plan has no `phases`",
+            "the plan has no `phases` and no `changes`",
             Some(
-                "add `phases:` with at least one of expand, dual_write, backfill, contract".into(),
+                "add `changes:` with an operation, or `phases:` with at least one of expand, dual_write, backfill, contract".into(),
             ),
         );
-    } else if steps.is_empty() && !r.has_errors() {
-        r.error(
-            root.pos,
-            "empty",
-            "the plan has no steps",
-            Some("add at least one step under a phase".into()),
-        );
     }
-    // Per-step settings were read before `settings` when written first; apply plan defaults now.
     let id = match id {
         Some(id) => id,
         None => path
@@ -148,8 +159,51 @@ fn plan(r: &mut Reader, path: &Path, text: &str) -> Option<Plan> {
         r.step = None;
         r.error(id_pos, "id", format!("plan id `{id}` is not valid"), Some("an id has 1–63 characters: letters, digits, `_`, `-`, `.`; set `id:` in the file when the file name is not one".into()));
     }
+    let expansion = ops::expand(&id, &changes, catalog, has_gate(&written));
+    for (pos, finding) in &expansion.refused {
+        r.step = None;
+        r.error(
+            *pos,
+            "operation",
+            finding.clone(),
+            Some(
+                "change the operation as the message says, or write its steps by hand in `phases:`"
+                    .into(),
+            ),
+        );
+    }
+    // Generated steps first in each phase, then the hand-written ones.
+    let mut merged: PhaseNodes = BTreeMap::new();
+    for g in &expansion.steps {
+        merged
+            .entry(g.phase)
+            .or_default()
+            .push(ops::to_node(g, g.pos));
+    }
+    for (phase, nodes) in written {
+        merged.entry(phase).or_default().extend(nodes);
+    }
+    let generated: Vec<&str> = expansion.steps.iter().map(|g| g.name.as_str()).collect();
+    let mut steps: Vec<Step> = Vec::new();
+    for (phase, nodes) in &merged {
+        for node in nodes {
+            if let Some(mut step) = step(r, node, *phase, &settings, steps.len()) {
+                step.generated = generated.contains(&step.name.as_str());
+                steps.push(step);
+            }
+        }
+    }
+    if steps.is_empty() && expansion.pending.is_empty() && !r.has_errors() {
+        r.error(
+            root.pos,
+            "empty",
+            "the plan has no steps",
+            Some("add at least one step under a phase, or an operation under `changes`".into()),
+        );
+    }
     check_names(r, &steps);
     resolve_drop_triggers(r, &mut steps);
+    let expanded = expanded_tree(&root, &merged);
     Some(Plan {
         id,
         description,
@@ -159,7 +213,69 @@ fn plan(r: &mut Reader, path: &Path, text: &str) -> Option<Plan> {
         hooks,
         steps,
         notes: Vec::new(),
+        changes,
+        pending: expansion.pending,
+        text: text.to_string(),
+        expanded,
     })
+}
+
+/// The steps of each phase, as nodes of the YAML tree.
+type PhaseNodes = BTreeMap<Phase, Vec<Node>>;
+
+/// True when a hand-written gate stops the plan before its contract phase.
+fn has_gate(written: &PhaseNodes) -> bool {
+    written
+        .iter()
+        .filter(|(p, _)| **p < Phase::Contract)
+        .flat_map(|(_, nodes)| nodes)
+        .any(|n| match &n.value {
+            Value::Map(entries) => entries
+                .iter()
+                .any(|(k, _)| matches!(&k.value, Value::Str(s) if s == "gate")),
+            _ => false,
+        })
+}
+
+/// The plan as `plan expand` prints it: the same keys, no `changes`, and every
+/// phase with its generated steps before its hand-written ones.
+fn expanded_tree(root: &Node, merged: &PhaseNodes) -> Node {
+    let key = |s: &str| Node {
+        pos: root.pos,
+        value: Value::Str(s.to_string()),
+    };
+    let mut entries = Vec::new();
+    if let Value::Map(top) = &root.value {
+        for (k, v) in top {
+            match &k.value {
+                Value::Str(s) if s == "changes" || s == "phases" => {}
+                _ => entries.push((k.clone(), v.clone())),
+            }
+        }
+    }
+    let phases = merged
+        .iter()
+        .map(|(p, nodes)| {
+            (
+                key(p.as_str()),
+                Node {
+                    pos: root.pos,
+                    value: Value::Seq(nodes.clone()),
+                },
+            )
+        })
+        .collect();
+    entries.push((
+        key("phases"),
+        Node {
+            pos: root.pos,
+            value: Value::Map(phases),
+        },
+    ));
+    Node {
+        pos: root.pos,
+        value: Value::Map(entries),
+    }
 }
 
 /// The plan's `settings`, which every step inherits.
@@ -168,9 +284,10 @@ fn read_settings(r: &mut Reader, node: &Node, settings: &mut Settings) {
     for (key, _, val) in r.entries(
         val,
         "settings",
-        &["lock_timeout", "statement_timeout", "retries"],
+        &["lock_timeout", "statement_timeout", "retries", "retain"],
     ) {
         match key.as_str() {
+            "retain" => settings.retain = r.duration(val, "retain"),
             "lock_timeout" => {
                 if let Some(d) = r.duration(val, "lock_timeout") {
                     if d.is_zero() {
@@ -195,23 +312,19 @@ fn read_settings(r: &mut Reader, node: &Node, settings: &mut Settings) {
 }
 
 /// The `phases` map: each phase's list of steps, in execution order.
-fn read_phases(r: &mut Reader, node: &Node, settings: &Settings, steps: &mut Vec<Step>) {
-    let val = node;
+fn phase_nodes(r: &mut Reader, node: &Node) -> PhaseNodes {
     let names: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
     let mut last: Option<Phase> = None;
-    for (key, kn, list) in r.entries(val, "phases", &names) {
+    let mut out = BTreeMap::new();
+    for (key, kn, list) in r.entries(node, "phases", &names) {
         let phase = Phase::parse(&key).expect("filtered by entries");
-        if last.is_some_and(|l| l > phase) {
-            r.warning(kn.pos, "phase-order", format!("phase `{phase}` is written after `{}` but runs before it", last.unwrap()), Some("phases always run expand → dual_write → backfill → contract; write them in that order".into()));
+        if let Some(l) = last.filter(|l| *l > phase) {
+            r.warning(kn.pos, "phase-order", format!("phase `{phase}` is written after `{l}` but runs before it"), Some("phases always run expand → dual_write → backfill → contract; write them in that order".into()));
         }
         last = Some(phase);
         match &list.value {
             Value::Seq(items) => {
-                for item in items {
-                    if let Some(step) = step(r, item, phase, settings, steps.len()) {
-                        steps.push(step);
-                    }
-                }
+                out.insert(phase, items.clone());
             }
             Value::Null => {}
             other => r.error(
@@ -225,6 +338,7 @@ fn read_phases(r: &mut Reader, node: &Node, settings: &Settings, steps: &mut Vec
             ),
         }
     }
+    out
 }
 
 fn read_hooks(r: &mut Reader, node: &Node) -> Hooks {
@@ -282,6 +396,8 @@ fn step(
     let mut name = None;
     let mut kinds: Vec<(&str, &Node, &Node)> = Vec::new();
     let mut rollback_node = None;
+    let mut description = None;
+    let mut finalize = None;
     let mut lock_timeout = settings.lock_timeout;
     let mut statement_timeout = settings.statement_timeout;
     let mut retries = settings.retries;
@@ -290,8 +406,17 @@ fn step(
     for (key, k, val) in &entries {
         match key.as_str() {
             "name" => name = read_name(r, val),
-            "description" => {
-                r.string(val, "description");
+            "description" => description = r.string(val, "description"),
+            "finalize" => {
+                if phase != Phase::Contract {
+                    r.error(
+                        k.pos,
+                        "phase",
+                        "`finalize` belongs to a contract step: it drops what that step set aside",
+                        Some("move the step into phase `contract`, or remove `finalize`".into()),
+                    );
+                }
+                finalize = sql::parse_body(r, val, "finalize");
             }
             k2 if StepKind::KEYS.contains(&k2) => {
                 let kk = StepKind::KEYS
@@ -339,6 +464,9 @@ fn step(
         return None;
     }
     Some(Step {
+        description,
+        finalize,
+        generated: false,
         name: name?,
         phase,
         position,

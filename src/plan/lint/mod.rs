@@ -106,7 +106,8 @@ pub fn lint(plan: &Plan) -> Vec<Diagnostic> {
         for f in found {
             let mut d = Diagnostic {
                 file: plan.file.clone(),
-                pos: f.pos,
+                // A generated step's text is not in the file: point at its operation.
+                pos: if step.generated { step.pos } else { f.pos },
                 severity: Severity::Error,
                 rule: f.rule.clone(),
                 step: Some(step.name.clone()),

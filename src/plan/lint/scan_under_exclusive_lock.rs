@@ -65,10 +65,16 @@ pub(super) fn check(body: &SqlBody) -> Vec<Finding> {
                 for action in node.children() {
                     let scan = match action.kind() {
                         SyntaxKind::VALIDATE_CONSTRAINT => Some("`VALIDATE CONSTRAINT`"),
+                        // `USING INDEX` takes an index built before over: no scan.
                         SyntaxKind::ADD_CONSTRAINT
-                            if !action
-                                .descendants()
-                                .any(|d| d.kind() == SyntaxKind::NOT_VALID) =>
+                            if !action.descendants().any(|d| {
+                                matches!(
+                                    d.kind(),
+                                    SyntaxKind::NOT_VALID
+                                        | SyntaxKind::USING_INDEX
+                                        | SyntaxKind::USING_INDEX_NAME
+                                )
+                            }) =>
                         {
                             Some("`ADD CONSTRAINT` without NOT VALID")
                         }
