@@ -12,6 +12,7 @@ pub mod db;
 pub mod demo;
 pub mod exec;
 pub mod exit;
+pub mod fleet;
 pub mod ident;
 pub mod plan;
 pub mod show;
