@@ -1,6 +1,7 @@
 //! The command line: clap types, output formats, and the glue from arguments to
 //! library calls. The only module (with `main.rs`) that prints.
 
+mod fleet;
 pub mod report;
 mod status;
 
@@ -145,6 +146,9 @@ pub enum Command {
         #[arg(long)]
         unpause: bool,
     },
+    /// One plan over many databases or tenant schemas, from a targets file.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
     /// The whole flow on the bundled Clarivum plans and fixtures, against a demo database.
     Demo {
         /// Drop and recreate the demo database first.
@@ -379,6 +383,7 @@ fn run(cli: Cli) -> Exit {
             Default::default(),
             false,
         ),
+        Command::Fleet(cmd) => fleet::run(&g, cmd),
         Command::Demo { fresh, leads } => crate::demo::run(&g, fresh, leads),
         Command::Plan(PlanCommand::Validate { files, format }) => {
             validate(&files, format, cli.global.quiet)

@@ -357,7 +357,7 @@ async fn schedule(
                     .collect();
                 if !failed_canaries.is_empty() {
                     stop = Some(format!(
-                        "the canary {} did not reach done or its gate, so no other target was started",
+                        "the canary {} did not reach done or its gate, so no other target was started; fix it, or start the rest without it with --canary 0",
                         failed_canaries.join(", ")
                     ));
                     break;
