@@ -340,7 +340,7 @@ fn execute(
             _ => format!(", canary {}", opts.canary.min(fleet.len() as u32)),
         };
         view.message(&format!(
-            "fleet {} of plan `{}` on {} target(s): at most {} at once{canary}, no new start after {} failure(s)",
+            "{} of plan `{}` on {} target(s): at most {} at once{canary}, no new start after {} failure(s)",
             kind.word(),
             plan.id,
             fleet.len(),
@@ -953,11 +953,7 @@ impl Events for View {
                 "unreachable: {m}; once it answers, `{}` continues it",
                 next.resume()
             ),
-            End::Failed(m) => format!(
-                "failed: {m}; fix the cause, then `{}` (see `{}`)",
-                next.resume(),
-                next.status()
-            ),
+            End::Failed(m) => format!("failed: {m}; fix the cause, then `{}`", next.resume()),
             End::Held(m) => format!(
                 "held: {m}; when that run ends, `{}` continues it",
                 next.resume()
@@ -973,7 +969,7 @@ impl Events for View {
         let terminal_ok = self.inner.bars.is_some() && !bad;
         if !quiet_ok && !terminal_ok {
             self.inner.line(&format!(
-                "[{name}] {text} ({ended}/{} ended)",
+                "[{name}] {text} [{ended}/{} ended]",
                 self.inner.total
             ));
         }
