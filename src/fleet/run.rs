@@ -49,8 +49,11 @@ impl ExitStatus for Error {
 /// How long a discover query may run; it runs in a read-only transaction.
 const DISCOVER_TIMEOUT: &str = "60s";
 
-/// The fleet's targets: the listed ones in file order, then the discovered ones
-/// in the order the query returns them. Fails before anything is changed.
+/// The fleet's targets: the listed ones in file order, then the discovered
+/// ones in the order their queries return them, taking one from each query in
+/// turn when there are several (so that `parallel` spreads over the servers
+/// they search rather than working through one server at a time). Fails
+/// before anything is changed.
 pub async fn resolve(
     file: &Targets,
     resolved: &Resolved,
@@ -64,12 +67,15 @@ pub async fn resolve(
             None => Target::database(&e.name, e.target.clone(), control_schema),
         })
         .collect();
+    let mut names: HashSet<String> = out.iter().map(|t| t.name.clone()).collect();
     let mut notes = Vec::new();
-    if let Some((d, admin)) = &resolved.discover {
-        let names = discover(admin, &d.query, d.mode, file).await?;
-        let (names, skipped) = match d.mode {
-            Mode::Databases => (names, Vec::new()),
-            Mode::Schemas => skip_control_schemas(admin, names, control_schema).await?,
+    let mut found: Vec<VecDeque<Target>> = Vec::new();
+    for (d, admin) in &resolved.discover {
+        let at = format!("{}:{}", file.file.display(), d.pos);
+        let rows = discover(admin, &d.query, d.mode, &at).await?;
+        let (rows, skipped) = match d.mode {
+            Mode::Databases => (rows, Vec::new()),
+            Mode::Schemas => skip_control_schemas(admin, rows, control_schema).await?,
         };
         if !skipped.is_empty() {
             notes.push(format!(
@@ -78,19 +84,27 @@ pub async fn resolve(
                 skipped.join(", ")
             ));
         }
-        for name in names {
-            if out.iter().any(|t| t.name == name) {
+        let mut these = VecDeque::new();
+        for name in rows {
+            if !names.insert(name.clone()) {
                 return Err(Error::Discover(format!(
-                    "{}: the discover query returned `{name}`, which is also a listed target's name; a target must run once: leave it out of one of them",
-                    file.file.display()
+                    "{at}: the discover query returned `{name}`, which is already the name of a target (listed, or found by another query); a target must run once, and names must be unique: leave it out of one of them"
                 )));
             }
-            out.push(match d.mode {
+            these.push_back(match d.mode {
                 Mode::Databases => {
                     Target::database(&name, admin.with_dbname(&name), control_schema)
                 }
                 Mode::Schemas => Target::tenant(&name, admin, &name, control_schema),
             });
+        }
+        found.push(these);
+    }
+    while found.iter().any(|q| !q.is_empty()) {
+        for q in &mut found {
+            if let Some(t) = q.pop_front() {
+                out.push(t);
+            }
         }
     }
     // Two tenants recorded in one control schema would share each other's locks
@@ -113,7 +127,7 @@ pub async fn resolve(
     }
     if out.is_empty() {
         return Err(Error::Usage(format!(
-            "{}: no targets: the file lists none and the discover query returned no rows; nothing was changed",
+            "{}: no targets: the file lists none and no discover query returned a row; nothing was changed",
             file.file.display()
         )));
     }
@@ -125,13 +139,8 @@ async fn discover(
     admin: &db::Target,
     query: &str,
     mode: Mode,
-    file: &Targets,
+    at: &str,
 ) -> Result<Vec<String>, Error> {
-    let at = file
-        .discover
-        .as_ref()
-        .map(|d| format!("{}:{}", file.file.display(), d.pos))
-        .unwrap_or_default();
     let mut c = db::connect(admin).await.map_err(|e| {
         Error::DiscoverUnreachable(format!(
             "{at}: discover: {e}; nothing was started. Once it answers, run the command again"

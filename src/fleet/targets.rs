@@ -39,7 +39,8 @@ pub struct Targets {
     pub max_failures: u32,
     /// Listed targets, in file order (they come before discovered ones).
     pub targets: Vec<Entry>,
-    pub discover: Option<Discover>,
+    /// Queries that find more targets (one per server or database they search).
+    pub discover: Vec<Discover>,
 }
 
 /// One listed target.
@@ -101,7 +102,7 @@ pub struct ResolvedEntry {
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub targets: Vec<ResolvedEntry>,
-    pub discover: Option<(Discover, db::Target)>,
+    pub discover: Vec<(Discover, db::Target)>,
 }
 
 /// Reads and validates a targets file. Touches no database.
@@ -148,10 +149,11 @@ impl Targets {
                 });
             }
         }
-        let discover = match &self.discover {
-            Some(d) => v.url(&d.url, "discover", &env).map(|t| (d.clone(), t)),
-            None => None,
-        };
+        let discover = self
+            .discover
+            .iter()
+            .filter_map(|d| v.url(&d.url, "discover", &env).map(|t| (d.clone(), t)))
+            .collect();
         if !v.diags.is_empty() {
             return Err(v.into_error());
         }
@@ -303,7 +305,7 @@ impl Checker {
             canary: DEFAULT_CANARY,
             max_failures: DEFAULT_MAX_FAILURES,
             targets: Vec::new(),
-            discover: None,
+            discover: Vec::new(),
         };
         let mut listed = false;
         for (key, _, val) in self.entries(root, "the targets file", &TOP_KEYS) {
@@ -327,13 +329,19 @@ impl Checker {
                     listed = true;
                     t.targets = self.targets(val);
                 }
-                "discover" => t.discover = self.discover(val),
+                // One query, or a list of them (a server each).
+                "discover" => match &val.value {
+                    Value::Seq(items) => {
+                        t.discover = items.iter().filter_map(|d| self.discover(d)).collect()
+                    }
+                    _ => t.discover = self.discover(val).into_iter().collect(),
+                },
                 _ => {}
             }
         }
         if matches!(root.value, Value::Map(_))
             && t.targets.is_empty()
-            && t.discover.is_none()
+            && t.discover.is_empty()
             && !listed
             && !self
                 .diags
@@ -627,8 +635,8 @@ mod tests {
         assert_eq!(t.targets.len(), 2);
         assert_eq!(t.targets[0].name, "eu_1");
         assert!(matches!(&t.targets[0].url, Url::Env { var, .. } if var == "EU_1_DATABASE_URL"));
-        let d = t.discover.unwrap();
-        assert_eq!(d.mode, Mode::Databases);
+        assert_eq!(t.discover.len(), 1);
+        assert_eq!(t.discover[0].mode, Mode::Databases);
     }
 
     #[test]
@@ -697,6 +705,21 @@ mod tests {
             "discover:\n  url: postgres://admin@h/app\n  query: SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenant%'\n  mode: schemas\n",
         )
         .unwrap();
-        assert_eq!(t.discover.unwrap().mode, Mode::Schemas);
+        assert_eq!(t.discover[0].mode, Mode::Schemas);
+    }
+
+    #[test]
+    fn discover_takes_a_list_of_queries() {
+        let t = check(
+            "discover:\n  - url_env: EU_ADMIN_URL\n    query: SELECT datname FROM pg_database WHERE datname LIKE 'tenant%'\n  - url_env: US_ADMIN_URL\n    query: SELECT datname FROM pg_database WHERE datname LIKE 'tenant%'\n",
+        )
+        .unwrap();
+        assert_eq!(t.discover.len(), 2);
+        let errs = check("discover:\n  - url_env: EU_ADMIN_URL\n  - 3\n").unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("2:5 missing-key")),
+            "{errs:?}"
+        );
+        assert!(errs.iter().any(|e| e.starts_with("3:5 type")), "{errs:?}");
     }
 }

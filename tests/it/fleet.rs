@@ -243,12 +243,19 @@ fn write(test: &str, name: &str, text: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_databases_and_two_clusters_reach_the_gate_then_resume_yes_finishes_all() {
     let t0 = Instant::now();
-    let a = Cluster::primary("fleet_a");
-    let b = Cluster::primary("fleet_b");
+    // The two clusters start while the 30 databases are created.
+    let clusters = std::thread::spawn(|| {
+        let b = std::thread::spawn(|| Cluster::primary("fleet_b"));
+        let a = Cluster::primary("fleet_a");
+        (a, b.join().unwrap())
+    });
+    let dbs = databases("apply", 30, |i| 100 + i as i64).await;
+    eprintln!("30 databases: {:?}", t0.elapsed());
+    let (a, b) = clusters.join().unwrap();
+    eprintln!("2 clusters: {:?}", t0.elapsed());
     let (ca, cb) = (cluster_app(&a).await, cluster_app(&b).await);
     ca.batch_execute(&items_setup(250)).await.unwrap();
     cb.batch_execute(&items_setup(260)).await.unwrap();
-    let dbs = databases("apply", 30, |i| 100 + i as i64).await;
     let plan = write(
         "fleet_apply",
         "plan.yaml",
@@ -393,8 +400,10 @@ async fn an_unreachable_target_and_a_missing_table_are_named_the_others_finish_a
         "fleet_fail",
         "targets.yaml",
         &format!(
-            "parallel: 3\ncanary: 0\nmax_failures: 5\ntargets:\n  - name: down\n    url: {down}\ndiscover:\n  url_env: FLEET_ADMIN_URL\n  query: {}\n",
-            discover_query("fail")
+            // Two discover queries (as for two servers): their targets are interleaved.
+            "parallel: 3\ncanary: 0\nmax_failures: 5\ntargets:\n  - name: down\n    url: {down}\ndiscover:\n  - url_env: FLEET_ADMIN_URL\n    query: {}\n  - url_env: FLEET_ADMIN_URL\n    query: {}\n",
+            discover_query("fail").replace("ORDER BY", "AND right(datname, 1)::int < 3 ORDER BY"),
+            discover_query("fail").replace("ORDER BY", "AND right(datname, 1)::int >= 3 ORDER BY"),
         ),
     );
     let o = fleet(&["fleet", "apply", s(&plan), "--targets", s(&targets)], &[]);
@@ -423,6 +432,24 @@ async fn an_unreachable_target_and_a_missing_table_are_named_the_others_finish_a
         before.push(footprint(&d.client).await);
     }
     let st = status_json(&plan, &targets, &[]);
+    let order: Vec<&str> = st["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "down",
+            "pgshift_t_fleet_fail_00",
+            "pgshift_t_fleet_fail_03",
+            "pgshift_t_fleet_fail_01",
+            "pgshift_t_fleet_fail_04",
+            "pgshift_t_fleet_fail_02",
+            "pgshift_t_fleet_fail_05"
+        ]
+    );
     let by_name = |n: &str| {
         st["targets"]
             .as_array()
