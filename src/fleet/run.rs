@@ -463,12 +463,20 @@ async fn one(
     let plan_status = state.plan.as_ref().map(|p| p.status.as_str());
     let job = match action {
         Action::Apply | Action::Resume { .. } => {
-            if plan_status == Some(status::SUCCEEDED) {
+            // Only a target that ran this very plan file may be skipped: a
+            // changed file (a step added, say) goes to the runner, which
+            // refuses it (exit 5) or, with --accept-changed, runs what is new.
+            let same_file = state
+                .plan
+                .as_ref()
+                .is_some_and(|p| p.checksum == plan.checksum.0);
+            if same_file && plan_status == Some(status::SUCCEEDED) {
                 return End::AlreadyDone;
             }
             let pass = matches!(action, Action::Resume { pass_gates: true });
             if let Some(gate) = state.waiting_gate()
                 && !pass
+                && same_file
             {
                 let message = match plan.step(&gate).map(|s| &s.kind) {
                     Some(StepKind::Gate(m)) => m.clone(),

@@ -849,6 +849,83 @@ async fn twenty_tenant_schemas_discovered_by_a_query_each_end_right_and_touch_on
     );
 }
 
+// A target whose plan another runner holds is named and exits 4 while the
+// others finish; a plan file changed after it ran is refused on the targets
+// that ran it (exit 5, worse than 4) — never reported "already done" — and
+// `fleet resume --accept-changed` runs only what is new there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_target_exits_4_and_a_changed_plan_exits_5_until_accepted() {
+    let dbs = databases("held", 3, |_| 30).await;
+    let text = plan_yaml("fleet_held", 50, "0ms", false);
+    let plan = write("fleet_held", "plan.yaml", &text);
+    let targets = write(
+        "fleet_held",
+        "targets.yaml",
+        &format!(
+            "parallel: 3\ncanary: 0\nmax_failures: 3\ndiscover:\n  url_env: FLEET_ADMIN_URL\n  query: {}\n",
+            discover_query("held")
+        ),
+    );
+    // Another runner: the plan's advisory lock, held on target 01.
+    let other = connect(&dbs[1].url).await;
+    other
+        .execute(
+            "SELECT pg_advisory_lock(hashtextextended('pgshift/pgshift/fleet_held', 0))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let o = fleet(&["fleet", "apply", s(&plan), "--targets", s(&targets)], &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("[pgshift_t_fleet_held_01] held: another runner holds plan `fleet_held`"),
+        "{err}"
+    );
+    assert!(err.contains("2 done"), "{err}");
+    drop(other);
+
+    // The file changes: a step is added at the end.
+    std::fs::write(
+        &plan,
+        format!("{text}    - name: still_filled\n      check: SELECT NOT EXISTS (SELECT FROM items WHERE v IS NULL)\n"),
+    )
+    .unwrap();
+    let o = fleet(&["fleet", "apply", s(&plan), "--targets", s(&targets)], &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("[pgshift_t_fleet_held_00] plan `fleet_held` changed since it started"),
+        "{err}"
+    );
+    assert!(err.contains("--accept-changed"), "{err}");
+    assert!(err.contains("[pgshift_t_fleet_held_01] done"), "{err}");
+    assert!(!err.contains("already done"), "{err}");
+    let o = fleet(
+        &[
+            "fleet",
+            "resume",
+            s(&plan),
+            "--targets",
+            s(&targets),
+            "--accept-changed",
+        ],
+        &[],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    for d in &dbs {
+        assert_right(&d.client, &d.name, 30, true).await;
+        assert_eq!(
+            d.scalar_i64("SELECT count(*) FROM pgshift.steps WHERE name = 'still_filled' AND status = 'succeeded'")
+                .await,
+            1,
+            "{}",
+            d.name
+        );
+    }
+}
+
 // A canary that fails stops the fleet before any other target starts: no
 // other database has so much as a control schema afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
