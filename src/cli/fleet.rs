@@ -817,8 +817,9 @@ struct ViewState {
     running: usize,
     ended: usize,
     failed: usize,
-    /// Rows done by each (target, backfill step) in this run, and its current rate.
-    rows: HashMap<(String, String), (u64, u64, f64)>,
+    /// Rows done by each (target, backfill step) (as `fleet status` counts
+    /// them: a resumed step's earlier rows included), and its current rate.
+    rows: HashMap<(String, String), (u64, f64)>,
     last_line: HashMap<(String, String, u32), Instant>,
     last: HashMap<(String, String, u32), BackfillProgress>,
 }
@@ -883,8 +884,9 @@ impl Inner {
 
     fn overall(&self, st: &ViewState) {
         if let Some(o) = &self.overall {
-            let rows: u64 = st.rows.values().map(|(_, r, _)| r).sum();
-            let rate: f64 = st.rows.values().map(|(_, _, r)| r).sum();
+            let rows: u64 = st.rows.values().map(|(r, _)| r).sum();
+            // A fold from +0.0: an empty f64 sum is -0.0, printed "-0".
+            let rate = st.rows.values().fold(0.0, |a, (_, r)| a + r);
             o.set_position(st.ended as u64);
             o.set_message(format!(
                 "· {} running · {} failed · {rows} rows · {rate:.0} rows/s",
@@ -941,7 +943,7 @@ impl Events for View {
             l.finish_and_clear();
         }
         for v in st.rows.iter_mut().filter(|((t, _), _)| t == name) {
-            v.1.2 = 0.0;
+            v.1.1 = 0.0;
         }
         self.inner.overall(&st);
         let ended = st.ended;
@@ -1018,9 +1020,9 @@ impl exec::Reporter for TargetView {
     fn backfill(&self, step: &str, p: &BackfillProgress) {
         let key = (self.name.clone(), step.to_string());
         let mut st = self.inner.state();
-        let e = st.rows.entry(key).or_insert((p.rows_done, 0, 0.0));
-        e.1 = p.rows_done.saturating_sub(e.0);
-        e.2 = p.rows_per_sec;
+        let e = st.rows.entry(key).or_insert((0, 0.0));
+        e.0 = e.0.max(p.rows_done);
+        e.1 = p.rows_per_sec;
         self.inner.overall(&st);
         let total = p.rows_total.map(|t| format!("/~{t}")).unwrap_or_default();
         let text = format!(
@@ -1056,7 +1058,7 @@ impl exec::Reporter for TargetView {
     fn backfill_done(&self, step: &str) {
         let mut st = self.inner.state();
         if let Some(v) = st.rows.get_mut(&(self.name.clone(), step.to_string())) {
-            v.2 = 0.0;
+            v.1 = 0.0;
         }
         let last: Vec<BackfillProgress> = st
             .last
