@@ -428,7 +428,8 @@ fn conclude(
             "  {} target(s) wait at gate `{step}`: {message}",
             names.len()
         );
-        if matches!(action, Action::Resume { pass_gates: false }) && kind == Kind::Resume {
+        if matches!(action, Action::Resume { pass_gates: false }) && !std::io::stdin().is_terminal()
+        {
             eprintln!(
                 "  the gate stays closed: off a terminal, fleet resume passes a gate only with --yes"
             );
