@@ -24,6 +24,7 @@ pub mod duration;
 pub mod engine;
 pub mod exec;
 pub mod exit;
+pub mod fleet;
 pub mod ident;
 pub mod kind;
 pub mod ops;

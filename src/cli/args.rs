@@ -133,6 +133,9 @@ pub enum Command {
         #[arg(long)]
         unpause: bool,
     },
+    /// One plan over many databases or tenant schemas, from a targets file.
+    #[command(subcommand)]
+    Fleet(super::fleet::FleetCommand),
     /// Drop what a finished plan's contract phase set aside (a retired column or table):
     /// the end of its retention window, after which rollback cannot undo those steps.
     Finalize {

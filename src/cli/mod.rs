@@ -2,6 +2,7 @@
 //! library calls. The only module (with `main.rs`) that prints.
 
 mod args;
+pub mod fleet;
 mod prompt;
 pub mod report;
 mod status;
@@ -154,6 +155,7 @@ fn run(cli: Cli) -> Exit {
             none(),
             false,
         ),
+        Command::Fleet(cmd) => fleet::run(&g, cmd),
         Command::Demo { fresh, leads } => crate::demo::run(&g, fresh, leads),
         Command::Plan(PlanCommand::Validate { files, format }) => {
             validate(&files, format, cli.global.quiet)

@@ -11,4 +11,6 @@ pub mod preflight;
 pub mod rollback;
 pub mod runner;
 
-pub use crate::engine::{Context, Error, Options, Outcome, whoami};
+pub use crate::engine::{
+    BackfillOverrides, BackfillProgress, Context, Error, Options, Outcome, Reporter, Silent, whoami,
+};

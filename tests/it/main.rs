@@ -8,6 +8,7 @@ mod corpus;
 mod demo;
 mod executor;
 mod faults;
+mod fleet;
 mod harness;
 mod hostile;
 mod lifecycle;
