@@ -425,11 +425,18 @@ pub fn install_signals(cancel: CancellationToken, reporter: Arc<dyn engine::Repo
 }
 
 fn announce(cx: &exec::Context, plan: &Plan) {
+    let size = if plan.pending.is_empty() {
+        format!("{} steps", plan.steps.len())
+    } else {
+        format!(
+            "{} steps, and those of {} operation(s) generated from the live catalog",
+            plan.steps.len(),
+            plan.pending.len()
+        )
+    };
     cx.reporter.message(&format!(
-        "plan `{}` ({} steps) on {}",
-        plan.id,
-        plan.steps.len(),
-        cx.target.display
+        "plan `{}` ({size}) on {}",
+        plan.id, cx.target.display
     ));
 }
 

@@ -1,5 +1,7 @@
-//! `drop_default`: `ALTER COLUMN … DROP DEFAULT`; the rollback sets the
-//! default it had again (read from the catalog).
+//! `drop_default`: after the gate (the new application version gives the
+//! column a value itself; the old one may rely on the default),
+//! `ALTER COLUMN … DROP DEFAULT`; the rollback sets the default it had again
+//! (read from the catalog).
 
 use super::common::{Fields, table_sql};
 use super::set_default::restore;
@@ -43,12 +45,13 @@ pub fn expand(s: &Spec, g: &mut Gen) -> Result<(), Refusal> {
     let c = s.column.quoted();
     let step = g
         .step(
-            Phase::Expand,
+            Phase::Contract,
             "drop",
             GenKind::Sql(format!("ALTER TABLE {t} ALTER COLUMN {c} DROP DEFAULT")),
             "writers must give the value from now on",
         )
-        .rollback(restore(&t, &c, Some(old)));
+        .rollback(restore(&t, &c, Some(old)))
+        .allow("ban-drop-default", "the plan asks for it (drop_default), after the gate: the new application version gives the value itself");
     g.push(step);
     g.requires(format!(
         "gives `{}` of {} a value in every insert (it has no default any more)",

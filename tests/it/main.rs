@@ -13,6 +13,7 @@ mod harness;
 mod hostile;
 mod lifecycle;
 mod locks;
+mod ops;
 mod plan;
 mod proof;
 mod regressions;
