@@ -230,3 +230,14 @@ pub async fn catalog(db: &TestDb) -> String {
     }
     out.join("\n")
 }
+
+/// The rows `query` returns, as text (each row's text form, one per line), to
+/// compare two moments or two databases.
+pub async fn rows_text(db: &TestDb, query: &str) -> String {
+    let sql = format!("SELECT coalesce(string_agg(q::text, E'\\n'), '') FROM ({query}) AS q");
+    db.client
+        .query_one(&sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}

@@ -19,17 +19,7 @@ pub(crate) struct Lifecycle {
 async fn data(db: &TestDb, queries: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
     for q in queries {
-        let rows = db
-            .client
-            .query(*q, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{q}: {e}"));
-        out.push(
-            rows.iter()
-                .map(|r| format!("{r:?}"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        );
+        out.push(rows_text(db, q).await);
     }
     out
 }

@@ -145,8 +145,7 @@ pub(crate) fn plan_text(case: &Case) -> String {
 }
 
 async fn fixed(db: &TestDb, case: &Case) -> String {
-    let rows = db.client.query(case.fixed_rows, &[]).await.unwrap();
-    format!("{rows:?}")
+    rows_text(db, case.fixed_rows).await
 }
 
 /// Apply (with the old version working), to the gate: returns the exit code.
@@ -528,6 +527,135 @@ macro_rules! lifecycle_tests {
 mod lifecycle_of {
     use super::*;
     lifecycle_tests!(
+        add_column_default,
+        add_column_up,
+        drop_column,
+        rename_column,
+        change_type_pk,
+        set_not_null,
+        drop_not_null,
+        set_default,
+        drop_default,
+        add_check,
+        add_unique,
+        add_foreign_key,
+        drop_constraint,
+        create_index,
+        drop_index,
+        create_table,
+        drop_table,
+        rename_table,
+        sql,
+    );
+}
+
+/// The seed of the kill instants: `PGSHIFT_TEST_SEED`, else the clock (printed, to replay).
+fn seed() -> u64 {
+    std::env::var("PGSHIFT_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}
+
+/// The plan run to the end without interruption, and run again with `kill -9` at
+/// random instants (then resumed): both databases end with the same catalog and data.
+pub(crate) async fn killed(case: &Case) {
+    let kills = if std::env::var("PGSHIFT_LONG").is_ok() {
+        10
+    } else {
+        3
+    };
+    let seed = seed();
+    eprintln!("{}: kill -9 campaign, PGSHIFT_TEST_SEED={seed}", case.name);
+    let reference = TestDb::create(&format!("opk_{}_ref", case.name)).await;
+    let db = TestDb::create(&format!("opk_{}", case.name)).await;
+    let dir = work_dir(&format!("opk_{}", case.name));
+    let file = write_plan(&dir, &format!("op_{}", case.name), &plan_text(case));
+    let file = file.to_str().unwrap().to_string();
+    let id = format!("op_{}", case.name);
+    for d in [&reference, &db] {
+        d.exec(case.setup).await;
+    }
+    let finish = |d: &TestDb| {
+        let mut last = None;
+        for _ in 0..10 {
+            let o = pgshift_with_env(
+                &["--progress", "never", "--yes", "resume", &file],
+                &[("DATABASE_URL", d.url.as_str())],
+            );
+            match o.status.code() {
+                Some(0) => return,
+                Some(3) => last = Some(o),
+                _ => panic!("{}: resume failed: {}", case.name, stderr(&o)),
+            }
+        }
+        panic!(
+            "{}: did not finish: {}",
+            case.name,
+            last.map(|o| stderr(&o)).unwrap_or_default()
+        );
+    };
+    finish(&reference);
+    let mut rng = seed | 1;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for k in 0..kills {
+        let args = ["--progress", "never", "--yes", "resume", &file];
+        let mut child = std::process::Command::new(bin())
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let after = Duration::from_millis(20 + next() % 500);
+        std::thread::sleep(after);
+        if child.try_wait().unwrap().is_some() {
+            eprintln!("{}: run {k} ended before its kill at {after:?}", case.name);
+            continue;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    finish(&db);
+    assert_eq!(
+        catalog(&db).await,
+        catalog(&reference).await,
+        "{}: killed and resumed, the catalog differs from an uninterrupted run (seed {seed})",
+        case.name
+    );
+    let ok: bool = db.client.query_one(case.data_ok, &[]).await.unwrap().get(0);
+    assert!(
+        ok,
+        "{}: data not right after the kills (seed {seed})",
+        case.name
+    );
+    assert_eq!(status_json(&db, &id)["status"], "succeeded");
+}
+
+macro_rules! kill_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                killed(case(stringify!($name))).await;
+            }
+        )*
+    };
+}
+
+mod killed_during {
+    use super::*;
+    kill_tests!(
         add_column_default,
         add_column_up,
         drop_column,
