@@ -46,13 +46,18 @@ pub async fn print(
         } else {
             None
         };
-        out.push((p, steps, evs, alive));
+        let extra = extra(cx, &c, p, &steps).await;
+        out.push((p, steps, evs, alive, extra));
     }
     match format {
         StatusFormat::Json => {
             let plans: Vec<Json> = out
                 .iter()
-                .map(|(p, steps, evs, alive)| plan_json(p, steps, evs.as_deref(), *alive))
+                .map(|(p, steps, evs, alive, extra)| {
+                    let mut v = plan_json(p, steps, evs.as_deref(), *alive);
+                    extra.add_to(&mut v);
+                    v
+                })
                 .collect();
             println!(
                 "{}",
@@ -69,7 +74,7 @@ pub async fn print(
                     cx.control.schema
                 );
             }
-            for (p, steps, evs, alive) in &out {
+            for (p, steps, evs, alive, extra) in &out {
                 if plan.is_none() {
                     let done = steps
                         .iter()
@@ -85,6 +90,7 @@ pub async fn print(
                     continue;
                 }
                 print_plan(p, steps, *alive);
+                extra.print(&p.id);
                 if let Some(evs) = evs {
                     println!("\nevents:");
                     for (at, step, event, detail) in evs.iter() {
@@ -102,6 +108,106 @@ pub async fn print(
         }
     }
     Ok(Exit::Ok)
+}
+
+/// What the control table says beyond steps: what the contract phase set aside
+/// (kept until `pgshift finalize`), and why a pre-flight stopped the plan.
+#[derive(Default)]
+struct Extra {
+    /// (step, since, finalize is due by `settings.retain`).
+    retained: Vec<(String, String, bool)>,
+    finalized_at: Option<String>,
+    preflight: Vec<String>,
+}
+
+async fn extra(cx: &Context, c: &tokio_postgres::Client, p: &PlanRow, steps: &[StepRow]) -> Extra {
+    let mut out = Extra::default();
+    if p.status == Status::Failed
+        && !steps.iter().any(|s| s.status == Status::Failed)
+        && let Ok(Some((_, d))) = cx.control.last_event(c, &p.id, "preflight_failed").await
+    {
+        out.preflight = d["findings"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    if let Ok(Some((at, _))) = cx.control.last_event(c, &p.id, "finalized").await {
+        out.finalized_at = Some(at);
+        return out;
+    }
+    if p.status != Status::Succeeded {
+        return out;
+    }
+    let Ok(plan) = crate::plan::load(std::path::Path::new(&p.file)) else {
+        return out;
+    };
+    let Ok(plan) = crate::exec::preflight::recorded(cx, &plan, c).await else {
+        return out;
+    };
+    let retain_secs = plan.settings.retain.map(|d| d.as_secs_f64());
+    for step in plan.steps.iter().filter(|s| s.finalize.is_some()) {
+        let Some(row) = steps
+            .iter()
+            .find(|r| r.name == step.name && r.status == Status::Succeeded)
+        else {
+            continue;
+        };
+        let since = row.finished_at.clone().unwrap_or_default();
+        let due = match retain_secs {
+            Some(secs) => c
+                .query_one(
+                    "SELECT now() - $1::text::timestamptz >= make_interval(secs => $2)",
+                    &[&since, &secs],
+                )
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false),
+            None => false,
+        };
+        out.retained.push((step.name.clone(), since, due));
+    }
+    out
+}
+
+impl Extra {
+    fn print(&self, id: &str) {
+        if !self.preflight.is_empty() {
+            println!("\npre-flight found (nothing was changed):");
+            for f in &self.preflight {
+                println!("  - {f}");
+            }
+        }
+        if let Some(at) = &self.finalized_at {
+            println!("\nfinalized at {at}: what the contract phase set aside is dropped");
+        }
+        if !self.retained.is_empty() {
+            println!(
+                "\nset aside by the contract phase, kept until `pgshift finalize {id}` (rollback still works until then):"
+            );
+            for (step, since, due) in &self.retained {
+                let due = if *due {
+                    "  -- finalize is due (settings.retain has passed)"
+                } else {
+                    ""
+                };
+                println!("  {step}, since {since}{due}");
+            }
+        }
+    }
+
+    fn add_to(&self, v: &mut Json) {
+        v["retained"] = self
+            .retained
+            .iter()
+            .map(|(step, since, due)| json!({"step": step, "since": since, "finalize_due": due}))
+            .collect();
+        v["finalized_at"] = json!(self.finalized_at);
+        v["preflight_findings"] = json!(self.preflight);
+    }
 }
 
 fn rate(s: &StepRow) -> Option<f64> {

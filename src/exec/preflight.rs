@@ -563,8 +563,9 @@ async fn conversion(
         }
     }
     // Every existing value must convert.
+    // `count(v)` reads every converted value: the planner may not skip the expression.
     let scan = format!(
-        "SELECT count(*) FROM (SELECT ({up}) FROM {}) AS converted",
+        "SELECT count(v) FROM (SELECT ({up}) AS v FROM {}) AS converted",
         t.quoted()
     );
     if let Err(e) = c.query(&scan, &[]).await {

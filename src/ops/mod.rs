@@ -57,6 +57,8 @@ pub struct Change {
     pub op: Op,
     /// A requirement on the new application version, added to the generated gate.
     pub deploy: Option<String>,
+    /// Lint rules acknowledged for every step the operation generates, with the reason.
+    pub allow: Vec<(String, String)>,
 }
 
 /// The operations, each named after its key in the plan file.
@@ -244,6 +246,7 @@ fn parse_one(r: &mut Reader, item: &Node, index: usize) -> Option<Change> {
         return None;
     };
     let mut deploy = None;
+    let mut allow = Vec::new();
     let mut found: Option<(&str, &Node, &Node)> = None;
     for (k, v) in entries {
         let Value::Str(key) = &k.value else {
@@ -252,6 +255,14 @@ fn parse_one(r: &mut Reader, item: &Node, index: usize) -> Option<Change> {
         };
         if key == "deploy" {
             deploy = r.string(v, "deploy");
+            continue;
+        }
+        if key == "allow" {
+            for (rule, _, reason) in r.entries(v, "allow", &[]) {
+                if let Some(why) = r.string(reason, &format!("the reason for allowing `{rule}`")) {
+                    allow.push((rule, why));
+                }
+            }
             continue;
         }
         let Some(known) = KEYS.iter().find(|x| **x == key.as_str()) else {
@@ -315,6 +326,7 @@ fn parse_one(r: &mut Reader, item: &Node, index: usize) -> Option<Change> {
         pos: item.pos,
         op,
         deploy,
+        allow,
     })
 }
 
@@ -348,7 +360,7 @@ pub struct GenStep {
     pub kind: GenKind,
     pub rollback: Option<String>,
     pub finalize: Option<String>,
-    pub allow: Vec<(&'static str, String)>,
+    pub allow: Vec<(String, String)>,
 }
 
 impl GenStep {
@@ -362,8 +374,8 @@ impl GenStep {
         self
     }
 
-    pub fn allow(mut self, rule: &'static str, reason: impl Into<String>) -> GenStep {
-        self.allow.push((rule, reason.into()));
+    pub fn allow(mut self, rule: &str, reason: impl Into<String>) -> GenStep {
+        self.allow.push((rule.to_string(), reason.into()));
         self
     }
 }
@@ -563,6 +575,11 @@ pub fn expand(
         };
         match result {
             Ok(()) => {
+                for step in &mut g.steps {
+                    for (rule, why) in &change.allow {
+                        step.allow.push((rule.clone(), why.clone()));
+                    }
+                }
                 requirements.extend(g.deploy);
                 if let Some(d) = &change.deploy {
                     requirements.push(d.clone());
