@@ -33,6 +33,9 @@ pub struct Spec {
     pub on_delete: Option<String>,
     pub check: Option<String>,
     pub up: Option<String>,
+    /// A constraint that the column equals `up`: after the trigger goes, it rejects
+    /// a writer that leaves the column out of step.
+    pub check_up: bool,
 }
 
 pub fn parse(r: &mut Reader, node: &Node) -> Option<Spec> {
@@ -50,6 +53,7 @@ pub fn parse(r: &mut Reader, node: &Node) -> Option<Spec> {
             "on_delete",
             "check",
             "up",
+            "check_up",
         ],
     )?;
     let references = match f.node("references") {
@@ -93,6 +97,19 @@ pub fn parse(r: &mut Reader, node: &Node) -> Option<Spec> {
         } else {
             None
         },
+        check_up: f.flag(r, "check_up"),
+    })
+    .filter(|s| {
+        if s.check_up && s.up.is_none() {
+            r.error(
+                node.pos,
+                "value",
+                "`check_up` needs `up`: the constraint is that the column equals it",
+                Some("give `up:`, or remove `check_up`".into()),
+            );
+            return false;
+        }
+        true
     })
 }
 
@@ -263,6 +280,13 @@ fn constraints(s: &Spec, g: &mut Gen, t: &str, c: &str, inline_nn: bool) {
             def.push_str(&format!(" ON DELETE {a}"));
         }
         for step in validated_constraint(g, Phase::Backfill, t, &name, &def, "fk") {
+            g.push(step);
+        }
+    }
+    if let (true, Some(up)) = (s.check_up, &s.up) {
+        let name = quote_ident(&object_name("", &format!("{base}_up")));
+        let def = format!("CHECK ({c} = ({up}))");
+        for step in validated_constraint(g, Phase::Backfill, t, &name, &def, "check_up") {
             g.push(step);
         }
     }

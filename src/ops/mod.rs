@@ -59,6 +59,9 @@ pub struct Change {
     pub deploy: Option<String>,
     /// Lint rules acknowledged for every step the operation generates, with the reason.
     pub allow: Vec<(String, String)>,
+    /// `batch_size`, `workers` and `throttle` for the backfills it generates, as
+    /// written (checked with the backfill they join).
+    pub backfill: Vec<(Node, Node)>,
 }
 
 /// The operations, each named after its key in the plan file.
@@ -247,6 +250,7 @@ fn parse_one(r: &mut Reader, item: &Node, index: usize) -> Option<Change> {
     };
     let mut deploy = None;
     let mut allow = Vec::new();
+    let mut backfill = Vec::new();
     let mut found: Option<(&str, &Node, &Node)> = None;
     for (k, v) in entries {
         let Value::Str(key) = &k.value else {
@@ -255,6 +259,12 @@ fn parse_one(r: &mut Reader, item: &Node, index: usize) -> Option<Change> {
         };
         if key == "deploy" {
             deploy = r.string(v, "deploy");
+            continue;
+        }
+        if key == "backfill" {
+            for (_, k, v) in r.entries(v, "backfill", &["batch_size", "workers", "throttle"]) {
+                backfill.push((k.clone(), v.clone()));
+            }
             continue;
         }
         if key == "allow" {
@@ -327,6 +337,7 @@ fn parse_one(r: &mut Reader, item: &Node, index: usize) -> Option<Change> {
         op,
         deploy,
         allow,
+        backfill,
     })
 }
 
@@ -361,6 +372,8 @@ pub struct GenStep {
     pub rollback: Option<String>,
     pub finalize: Option<String>,
     pub allow: Vec<(String, String)>,
+    /// Keys the operation's `backfill:` adds to a generated backfill.
+    pub backfill: Vec<(Node, Node)>,
 }
 
 impl GenStep {
@@ -461,6 +474,7 @@ impl<'a> Gen<'a> {
             rollback: None,
             finalize: None,
             allow: Vec::new(),
+            backfill: Vec::new(),
         });
         self.steps.last_mut().expect("just pushed")
     }
@@ -485,6 +499,7 @@ impl<'a> Gen<'a> {
             rollback: None,
             finalize: None,
             allow: Vec::new(),
+            backfill: Vec::new(),
         }
     }
 
@@ -579,6 +594,9 @@ pub fn expand(
                     for (rule, why) in &change.allow {
                         step.allow.push((rule.clone(), why.clone()));
                     }
+                    if matches!(step.kind, GenKind::Backfill { .. }) {
+                        step.backfill = change.backfill.clone();
+                    }
                 }
                 requirements.extend(g.deploy);
                 if let Some(d) = &change.deploy {
@@ -610,6 +628,7 @@ pub fn expand(
             rollback: None,
             finalize: None,
             allow: Vec::new(),
+            backfill: Vec::new(),
         });
     }
     // Phase order; within a phase the gate first, then change order (stable sort).
@@ -674,7 +693,11 @@ pub fn to_node(step: &GenStep, pos: Pos) -> Node {
             if let Some(w) = where_ {
                 b.push(("where", s(w)));
             }
-            entries.push(("backfill", map(b)));
+            let mut node = map(b);
+            if let Value::Map(entries) = &mut node.value {
+                entries.extend(step.backfill.iter().cloned());
+            }
+            entries.push(("backfill", node));
         }
         GenKind::Check(q) => entries.push(("check", s(q))),
         GenKind::Gate(m) => entries.push(("gate", s(m))),

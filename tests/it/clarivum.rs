@@ -85,7 +85,7 @@ async fn clarivum_plans_apply_and_keep_their_promises() {
 
     // Every lead has the right hash.
     assert_eq!(db.scalar_i64("SELECT count(*) FROM leads WHERE email_hash IS DISTINCT FROM encode(sha256(lower(email)::bytea), 'hex')").await, 0);
-    assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_constraint WHERE conname = 'leads_email_hash_valid' AND convalidated").await, 1);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM pg_constraint WHERE conname = 'leads_email_hash_up' AND convalidated").await, 1);
 
     // RLS hides soft-deleted rows from a non-owner role.
     let deleted = db

@@ -15,9 +15,9 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::harness::*;
 
-const RENAME_PLAN: &str = "plans/examples/rename_column.yaml";
+const RENAME_PLAN: &str = "plans/examples/rename_column_by_hand.yaml";
 const RENAME_ID: &str = "rename_customers_fullname";
-const WIDEN_PLAN: &str = "plans/examples/widen_int_to_bigint.yaml";
+const WIDEN_PLAN: &str = "plans/examples/widen_int_to_bigint_by_hand.yaml";
 const ROWS: i64 = 100_000;
 /// The rename plan's `lock_timeout`.
 const LOCK_TIMEOUT_MS: f64 = 500.0;
