@@ -3,6 +3,7 @@
 //! (`crate::kind`) on the machinery of `crate::engine`; everything is recorded
 //! in the control schema (`crate::control`).
 
+pub mod changed;
 pub mod hooks;
 pub mod lock;
 pub mod rollback;
