@@ -6,8 +6,18 @@ use crate::harness::*;
 /// With the server at hand (the tests' DATABASE_URL): the demo runs to its summary.
 #[test]
 fn demo_runs_to_the_end_on_the_server() {
+    let database = format!("{}demo", prefix());
     let o = pgshift_with_env(
-        &["--progress", "never", "demo", "--fresh", "--leads", "3000"],
+        &[
+            "--progress",
+            "never",
+            "demo",
+            "--fresh",
+            "--leads",
+            "3000",
+            "--database",
+            &database,
+        ],
         &[("DATABASE_URL", &server_url())],
     );
     assert_eq!(o.status.code(), Some(0), "{}\n{}", stdout(&o), stderr(&o));
@@ -23,7 +33,15 @@ fn demo_runs_to_the_end_on_the_server() {
     );
     // A second run reuses the database and finds both plans done.
     let o = pgshift_with_env(
-        &["--progress", "never", "demo", "--leads", "3000"],
+        &[
+            "--progress",
+            "never",
+            "demo",
+            "--leads",
+            "3000",
+            "--database",
+            &database,
+        ],
         &[("DATABASE_URL", &server_url())],
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
