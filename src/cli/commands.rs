@@ -22,6 +22,7 @@ pub async fn apply(cx: &exec::Context, file: &Path) -> Result<Exit, exec::Error>
 /// `resume PLAN`: a waiting gate passes only when the operator confirms it.
 pub async fn resume(cx: &exec::Context, arg: &str) -> Result<Exit, exec::Error> {
     let plan = resolve_plan(cx, arg).await?;
+    super::output::set_plan(&plan.id);
     if !cx.options.yes
         && let Some(gate) = prompt::waiting_gate(cx, &plan).await
         && !prompt::confirm_gate(&plan, &gate)

@@ -117,7 +117,7 @@ impl Terminal {
                     static_bar(fraction, BAR_WIDTH)
                 );
                 // The frozen bar if it fits the terminal, else the words alone.
-                let shown = if drawn.chars().count() <= term_width() {
+                let shown = if drawn.chars().count() < term_width() {
                     drawn
                 } else {
                     format!("{step}: {text}")
