@@ -187,21 +187,19 @@ impl Pty {
 /// `text` without terminal escape sequences (CSI `ESC [ … letter`, and `ESC x`).
 pub fn plain(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
+    let mut chars = text.chars();
     while let Some(c) = chars.next() {
         if c != '\x1b' {
             out.push(c);
             continue;
         }
-        match chars.next() {
-            Some('[') => {
-                for d in chars.by_ref() {
-                    if d.is_ascii_alphabetic() || d == '~' {
-                        break;
-                    }
+        // `ESC [ … letter` (CSI); any other escape is two characters.
+        if chars.next() == Some('[') {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() || d == '~' {
+                    break;
                 }
             }
-            Some(_) | None => {}
         }
     }
     out
