@@ -561,3 +561,34 @@ fn plan_show_names_the_lock_each_statement_takes() {
         assert!(out.contains(want), "no `{want}` in:\n{out}");
     }
 }
+
+#[tokio::test]
+async fn the_blocker_line_names_pid_state_age_and_query() {
+    let db = TestDb::create("ux_blocker").await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY)").await;
+    // Another session holds a lock on `t` and sits idle in its transaction.
+    let blocker = connect(&db.url).await;
+    let pid: i32 = blocker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    blocker
+        .batch_execute("BEGIN; SELECT count(*) FROM t")
+        .await
+        .unwrap();
+    let file = plan_file(
+        "ux_blocker",
+        "blocked.yaml",
+        "id: blocked\nsettings: { lock_timeout: 1s, retries: 1 }\nphases:\n  expand:\n    - name: add_c\n      sql: ALTER TABLE t ADD COLUMN c text\n      rollback: ALTER TABLE t DROP COLUMN c\n",
+    );
+    let o = db.pgshift(&["plan", "apply", file.to_str().unwrap()]);
+    expect_code(&o, 1, "the lock never comes");
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("blocked by pid {pid}, idle in transaction for ")),
+        "{err}"
+    );
+    assert!(err.contains("SELECT count(*) FROM t"), "{err}");
+    drop(blocker);
+}
