@@ -69,8 +69,15 @@ impl Terminal {
             super::ProgressMode::Never => false,
             super::ProgressMode::Auto => std::io::stderr().is_terminal(),
         };
-        let bars = (on && !quiet && !output::is_json())
-            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        let target = if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            // `--progress always` off a terminal: indicatif would hide the bars
+            // (and every line printed above them), so draw them on stderr as it is.
+            ProgressDrawTarget::term_like_with_hz(Box::new(Stderr), 20)
+        };
+        let bars =
+            (on && !quiet && !output::is_json()).then(|| MultiProgress::with_draw_target(target));
         output::set_bars(bars.clone());
         Terminal {
             bars,
@@ -146,6 +153,65 @@ impl Terminal {
         }
         bar.set_position(p.rows_done);
         bar.set_message(live_text(p));
+    }
+}
+
+/// Standard error as indicatif's terminal, for `--progress always` when it is
+/// not one: ANSI cursor moves, and the width of the terminal if there is one, else 80.
+#[derive(Debug)]
+struct Stderr;
+
+impl Stderr {
+    fn put(&self, s: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        std::io::stderr().lock().write_all(s.as_bytes())
+    }
+}
+
+impl indicatif::TermLike for Stderr {
+    fn width(&self) -> u16 {
+        term_width() as u16
+    }
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}A"))
+        } else {
+            Ok(())
+        }
+    }
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}B"))
+        } else {
+            Ok(())
+        }
+    }
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}C"))
+        } else {
+            Ok(())
+        }
+    }
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        if n > 0 {
+            self.put(&format!("\x1b[{n}D"))
+        } else {
+            Ok(())
+        }
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.put(&format!("{s}\n"))
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.put(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.put("\r\x1b[2K")
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        std::io::stderr().flush()
     }
 }
 
