@@ -14,14 +14,23 @@ use tokio_postgres::{Client, Config, GenericClient};
 pub enum Error {
     #[error("invalid database URL: {0}")]
     Url(String),
-    #[error("cannot connect to {target}: {reason}")]
-    Connect { target: String, reason: String },
+    #[error("cannot connect to {}: {}", .0.target, .0.reason)]
+    Connect(Box<ConnectFailure>),
     #[error("{0}")]
     Refused(String),
     #[error("{}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Pool(String),
+}
+
+/// A connection that could not be opened: where to, why, and the server's
+/// SQLSTATE when it answered and refused (a bad password, no such database).
+#[derive(Debug)]
+pub struct ConnectFailure {
+    pub target: String,
+    pub reason: String,
+    pub sqlstate: Option<String>,
 }
 
 impl Error {
@@ -68,7 +77,7 @@ impl Error {
                             | "timeout waiting for server"
                     )
             }
-            Error::Connect { .. } => true,
+            Error::Connect(_) => true,
             Error::Pool(_) => true,
             _ => false,
         }
@@ -454,16 +463,21 @@ pub async fn connect(target: &Target) -> Result<Client, Error> {
         .config
         .connect(tls)
         .await
-        .map_err(|e| Error::Connect {
-            target: target.display.clone(),
-            reason: describe(&e),
-        })?;
+        .map_err(|e| connect_error(target, &e))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!("connection closed: {e}");
         }
     });
     Ok(client)
+}
+
+fn connect_error(target: &Target, e: &tokio_postgres::Error) -> Error {
+    Error::Connect(Box::new(ConnectFailure {
+        target: target.display.clone(),
+        reason: describe(e),
+        sqlstate: e.code().map(|c| c.code().to_string()),
+    }))
 }
 
 /// The connection pool for step and batch work.
@@ -490,10 +504,7 @@ pub fn pool(target: &Target, size: usize) -> Result<Pool, Error> {
 /// Takes a connection from the pool, saying which server could not be reached.
 pub async fn get(pool: &Pool, target: &Target) -> Result<deadpool_postgres::Object, Error> {
     pool.get().await.map_err(|e| match e {
-        deadpool_postgres::PoolError::Backend(e) => Error::Connect {
-            target: target.display.clone(),
-            reason: describe(&e),
-        },
+        deadpool_postgres::PoolError::Backend(e) => connect_error(target, &e),
         other => Error::Pool(format!("cannot connect to {}: {other}", target.display)),
     })
 }

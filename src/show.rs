@@ -6,7 +6,8 @@ use std::fmt::Write;
 
 use crate::duration;
 use crate::kind::{Rollback, StepKind, Undo, sql};
-use crate::plan::{Plan, Severity};
+use crate::plan::locks::{Lock, Mode, lock_of};
+use crate::plan::{Plan, Severity, Step};
 
 /// Renders `plan` for a person: every step, its transaction mode, SQL and rollback.
 pub fn render(plan: &Plan) -> String {
@@ -63,6 +64,7 @@ pub fn render(plan: &Plan) -> String {
         for line in body.lines() {
             let _ = writeln!(out, "     | {line}");
         }
+        locks(&mut out, step, &plan.id);
         match (&step.rollback, step.kind.undo()) {
             (Some(Rollback::Sql(b)), _) => {
                 let _ = writeln!(out, "     rollback:");
@@ -71,6 +73,7 @@ pub fn render(plan: &Plan) -> String {
                         let _ = writeln!(out, "     | {line}");
                     }
                 }
+                lock_lines(&mut out, &b.texts(), "rollback lock");
             }
             (Some(Rollback::Run(c)), _) => {
                 let _ = writeln!(out, "     rollback: run `{}`", c.command);
@@ -130,4 +133,53 @@ pub fn render(plan: &Plan) -> String {
         }
     }
     out
+}
+
+/// The lock each statement of the step takes (a backfill: each batch's).
+fn locks(out: &mut String, step: &Step, plan_id: &str) {
+    match &step.kind {
+        StepKind::Sql(_) | StepKind::Trigger(_) | StepKind::DropTrigger(_) => {
+            let statements = step.kind.statements(plan_id, &step.name);
+            lock_lines(out, &statements, "lock");
+            let locking = statements.iter().filter(|s| lock_of(s).is_some()).count();
+            if step.kind.marks_itself() && statements.len() > 1 && locking > 0 {
+                let _ = writeln!(
+                    out,
+                    "     (one transaction: each lock is held until the step commits)"
+                );
+            }
+        }
+        StepKind::Backfill(b) => {
+            let lock = Lock {
+                mode: Mode::RowExclusive,
+                on: b.table.to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "     lock: {lock} (each batch, and row locks on its rows until it commits)"
+            );
+        }
+        StepKind::Check(_) | StepKind::Gate(_) | StepKind::Run(_) => {}
+    }
+}
+
+/// `lock: ACCESS EXCLUSIVE on leads: …`, one line per statement that takes one.
+fn lock_lines(out: &mut String, statements: &[String], label: &str) {
+    let several = statements.len() > 1;
+    for (i, text) in statements.iter().enumerate() {
+        let which = if several {
+            format!(" of statement {}", i + 1)
+        } else {
+            String::new()
+        };
+        match lock_of(text) {
+            Some(lock) => {
+                let _ = writeln!(out, "     {label}{which}: {lock}");
+            }
+            None if several => {}
+            None => {
+                let _ = writeln!(out, "     {label}: none on an existing table");
+            }
+        }
+    }
 }

@@ -27,36 +27,46 @@ pub struct Global {
     /// Progress bars on stderr: auto shows them only on a terminal.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto, global = true)]
     pub progress: ProgressMode,
-    /// Log format on stderr.
+    /// Lines on stderr: text, or one JSON object per line (for log pipelines).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
-    /// More logging (-v, -vv).
+    /// More logging, with timestamps (-v, -vv).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     /// Less output: only errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
-    /// Do not ask for confirmation.
+    /// Do not ask for confirmation: pass a waiting gate on resume, roll back without asking.
     #[arg(long, global = true)]
     pub yes: bool,
 }
 
+/// When to draw progress bars.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum ProgressMode {
+    /// Only when stderr is a terminal.
     Auto,
+    /// Even when stderr is not a terminal.
     Always,
+    /// Never: plain lines instead.
     Never,
 }
 
+/// How lines on stderr are written.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum LogFormat {
+    /// For a person (timestamps from -v on; never escape codes off a terminal).
     Text,
+    /// One JSON object per line, with RFC 3339 timestamps; no bars, no prompts.
     Json,
 }
 
+/// How `plan validate` reports.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum OutputFormat {
+    /// Compiler-style diagnostics on stderr.
     Human,
+    /// One JSON document on stdout, for CI.
     Json,
 }
 
@@ -69,9 +79,12 @@ pub enum Command {
     Resume {
         /// The plan id (its file is found through the control table) or the plan file.
         plan: String,
-        /// Continue although the plan file changed since the plan started.
+        /// Continue although the plan file changed since the plan started (steps that have not run yet).
         #[arg(long)]
         accept_changed: bool,
+        /// With --accept-changed: accept it even where a step that already ran changed.
+        #[arg(long, requires = "accept_changed")]
+        force: bool,
         #[command(flatten)]
         reconnect: Reconnect,
     },
@@ -79,6 +92,7 @@ pub enum Command {
     Status {
         /// One plan's steps; without it, every plan.
         plan: Option<String>,
+        /// `table` for a person, `json` for scripts and monitoring (a stable format).
         #[arg(long, value_enum, default_value_t = StatusFormat::Table)]
         format: StatusFormat,
         /// Also print the plan's event log.
@@ -89,21 +103,27 @@ pub enum Command {
     Rollback {
         /// The plan id or the plan file.
         plan: String,
-        /// Roll back although the plan file changed since the plan started.
+        /// Roll back although the plan file changed since the plan started (say, to add a missing rollback).
         #[arg(long)]
         accept_changed: bool,
+        /// With --accept-changed: accept it even where what a step that already ran does changed.
+        #[arg(long, requires = "accept_changed")]
+        force: bool,
     },
     /// Run or continue only the backfill steps of a started plan, with your throttles.
     Backfill {
+        /// The plan file (its earlier phases must have run).
         file: PathBuf,
         /// Only this backfill step.
         #[arg(long)]
         step: Option<String>,
+        /// Rows per batch, instead of the plan's.
         #[arg(long)]
         batch_size: Option<u32>,
-        /// Pause between batches (`20ms`, `1s`).
+        /// Pause between batches (`20ms`, `1s`), instead of the plan's.
         #[arg(long, value_parser = parse_duration)]
         sleep: Option<Duration>,
+        /// Cap on rows updated per second, across workers.
         #[arg(long)]
         max_rows_per_sec: Option<u32>,
         /// Adapt the batch size so each batch takes about this long.
@@ -117,19 +137,24 @@ pub enum Command {
     },
     /// Retune or pause a running backfill from another terminal.
     Throttle {
+        /// The plan id, as `status` lists it.
         plan: String,
         /// Only this backfill step (default: every backfill step of the plan).
         #[arg(long)]
         step: Option<String>,
+        /// Rows per batch from the next batch on.
         #[arg(long)]
         batch_size: Option<u32>,
+        /// Pause between batches (`20ms`, `1s`) from the next batch on.
         #[arg(long, value_parser = parse_duration)]
         sleep: Option<Duration>,
+        /// Cap on rows updated per second (0 lifts the plan's cap).
         #[arg(long)]
         max_rows_per_sec: Option<u32>,
         /// Pause the backfill after its batch in flight.
         #[arg(long, conflicts_with = "unpause")]
         pause: bool,
+        /// Let a paused backfill continue.
         #[arg(long)]
         unpause: bool,
     },
@@ -150,6 +175,9 @@ pub enum Command {
         /// Number of leads the fixtures generate.
         #[arg(long, default_value_t = 200_000)]
         leads: u32,
+        /// The database the demo creates on the server (and drops and recreates with --fresh).
+        #[arg(long, default_value = "pgshift_demo")]
+        database: String,
     },
 }
 
@@ -160,9 +188,12 @@ pub struct Reconnect {
     pub reconnect_timeout: Duration,
 }
 
+/// How `status` prints.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum StatusFormat {
+    /// A table for a person.
     Table,
+    /// A stable JSON document for scripts.
     Json,
 }
 
@@ -174,6 +205,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 pub enum PlanCommand {
     /// Parse, check and lint plan files; touches no database. Exit 2 on any error.
     Validate {
+        /// The plan files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// `human` (compiler style) or `json` (for CI).
@@ -196,8 +228,52 @@ pub enum PlanCommand {
     },
     /// Run the plan from its first unfinished step; stops at a gate, a failure or an interrupt.
     Apply {
+        /// The plan file.
         file: PathBuf,
         #[command(flatten)]
         reconnect: Reconnect,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `--help` describes every argument and every value of every command.
+    #[test]
+    fn every_argument_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() {
+                missing.push(format!("{path}: the command"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path}: {id}"));
+                }
+                let values = if arg.get_action().takes_values() {
+                    arg.get_possible_values()
+                } else {
+                    Vec::new()
+                };
+                for v in values {
+                    if v.get_help().is_none() {
+                        missing.push(format!("{path}: {id}={}", v.get_name()));
+                    }
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &path, missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "no description: {missing:#?}");
+    }
 }

@@ -53,6 +53,7 @@ pub enum FleetCommand {
         /// The targets file.
         #[arg(long)]
         targets: PathBuf,
+        /// `table` for people (one line per target and a total), `json` for scripts.
         #[arg(long, value_enum, default_value_t = StatusFormat::Table)]
         format: StatusFormat,
         /// Redraw the table until Ctrl-C: every 2 seconds, or less often for large

@@ -1,43 +1,78 @@
 //! The command line: clap types, output formats, and the glue from arguments to
-//! library calls. The only module (with `main.rs`) that prints.
+//! library calls. The only module (with `main.rs` and `demo`) that prints; every
+//! line on stderr goes through `output`.
 
 mod args;
+mod commands;
+pub mod connect;
 pub mod fleet;
+pub mod hint;
+pub mod output;
+mod plan_cmd;
 mod prompt;
 pub mod report;
 mod status;
 
 pub use args::*;
+pub use commands::load_or_report;
+pub use plan_cmd::print_diagnostics;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::control::Control;
-use crate::control::{Event, Overrides};
 use crate::db;
 use crate::engine;
-use crate::exec::{self, rollback, runner};
+use crate::exec;
 use crate::exit::{Exit, ExitStatus};
-use crate::plan::{self, Diagnostic, Plan, Severity};
+use output::{Level, Line};
 
 /// Parses the arguments, runs the command, and returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
-                _ => Exit::Invalid.code(),
-            };
-        }
+        Err(e) => return usage_error(&e),
     };
+    output::init(&cli.global);
+    hint::init(&cli.global);
     init_tracing(&cli.global);
     run(cli).code()
+}
+
+/// A command line clap rejected (or `--help`): as clap prints it, or, when
+/// `--log-format json` was asked for, as one JSON line.
+fn usage_error(e: &clap::Error) -> i32 {
+    let code = match e.kind() {
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            return 0;
+        }
+        _ => Exit::Invalid.code(),
+    };
+    let args: Vec<String> = std::env::args().collect();
+    let json = args
+        .windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json");
+    if json {
+        let line = serde_json::json!({
+            "timestamp": output::rfc3339(std::time::SystemTime::now()),
+            "level": "error",
+            "event": "usage_error",
+            "plan": null, "step": null, "target": null,
+            "message": e.render().to_string().trim_end(),
+            "fields": {"exit": code},
+        });
+        eprintln!("{line}");
+    } else {
+        let _ = e.print();
+    }
+    code
 }
 
 fn init_tracing(g: &Global) {
@@ -52,49 +87,51 @@ fn init_tracing(g: &Global) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSHIFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("pgshift={level}")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    let _ = match g.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(output::Forward)
+        .try_init();
 }
 
 fn run(cli: Cli) -> Exit {
     let g = cli.global.clone();
-    let minute = Duration::from_secs(60);
     let none = engine::BackfillOverrides::default;
+    let minute = Duration::from_secs(60);
+    let plain = |accept: bool, force: bool| Setup {
+        reconnect_timeout: minute,
+        backfill: none(),
+        accept_changed: accept,
+        force_changed: force,
+    };
     match cli.command {
         Command::Plan(PlanCommand::Apply { file, reconnect }) => with_runtime(
             &g,
-            |cx| async move { apply(&cx, &file).await },
-            reconnect.reconnect_timeout,
-            none(),
-            false,
+            Setup {
+                reconnect_timeout: reconnect.reconnect_timeout,
+                ..plain(false, false)
+            },
+            |cx| async move { commands::apply(&cx, &file).await },
         ),
         Command::Resume {
             plan,
             accept_changed,
+            force,
             reconnect,
         } => with_runtime(
             &g,
-            move |cx| async move { resume(&cx, &plan).await },
-            reconnect.reconnect_timeout,
-            none(),
-            accept_changed,
+            Setup {
+                reconnect_timeout: reconnect.reconnect_timeout,
+                ..plain(accept_changed, force)
+            },
+            move |cx| async move { commands::resume(&cx, &plan).await },
         ),
         Command::Rollback {
             plan,
             accept_changed,
-        } => with_runtime(
-            &g,
-            move |cx| async move { roll_back(&cx, &plan).await },
-            minute,
-            none(),
-            accept_changed,
-        ),
+            force,
+        } => with_runtime(&g, plain(accept_changed, force), move |cx| async move {
+            commands::roll_back(&cx, &plan).await
+        }),
         Command::Backfill {
             file,
             step,
@@ -105,7 +142,7 @@ fn run(cli: Cli) -> Exit {
             workers,
             reconnect,
         } => {
-            let overrides = engine::BackfillOverrides {
+            let backfill = engine::BackfillOverrides {
                 step,
                 batch_size,
                 sleep,
@@ -113,13 +150,14 @@ fn run(cli: Cli) -> Exit {
                 target_batch_time,
                 workers,
             };
-            with_runtime(
-                &g,
-                move |cx| async move { backfill(&cx, &file).await },
-                reconnect.reconnect_timeout,
-                overrides,
-                false,
-            )
+            let setup = Setup {
+                reconnect_timeout: reconnect.reconnect_timeout,
+                backfill,
+                ..plain(false, false)
+            };
+            with_runtime(&g, setup, move |cx| async move {
+                commands::backfill(&cx, &file).await
+            })
         }
         Command::Throttle {
             plan,
@@ -130,204 +168,52 @@ fn run(cli: Cli) -> Exit {
             pause,
             unpause,
         } => {
-            let patch = Overrides {
+            let patch = crate::control::Overrides {
                 batch_size,
                 sleep_ms: sleep.map(|s| s.as_millis() as u64),
                 max_rows_per_sec,
                 paused: (pause || unpause).then_some(pause),
             };
-            with_runtime(
-                &g,
-                move |cx| async move { throttle(&cx, &plan, step.as_deref(), &patch).await },
-                minute,
-                none(),
-                false,
-            )
+            with_runtime(&g, plain(false, false), move |cx| async move {
+                commands::throttle(&cx, &plan, step.as_deref(), &patch).await
+            })
         }
         Command::Status {
             plan,
             format,
             events,
-        } => with_runtime(
-            &g,
-            move |cx| async move { status::print(&cx, plan.as_deref(), format, events).await },
-            minute,
-            none(),
-            false,
-        ),
+        } => with_runtime(&g, plain(false, false), move |cx| async move {
+            status::print(&cx, plan.as_deref(), format, events).await
+        }),
         Command::Fleet(cmd) => fleet::run(&g, cmd),
-        Command::Demo { fresh, leads } => crate::demo::run(&g, fresh, leads),
+        Command::Finalize { plan } => with_runtime(&g, plain(false, false), move |cx| async move {
+            commands::finalize(&cx, &plan).await
+        }),
+        Command::Demo {
+            fresh,
+            leads,
+            database,
+        } => crate::demo::run(&g, fresh, leads, &database),
         Command::Plan(PlanCommand::Validate { files, format }) => {
-            validate(&files, format, cli.global.quiet)
+            plan_cmd::validate(&files, format, &cli.global)
         }
-        Command::Plan(PlanCommand::Show { file }) => show(&g, &file, false),
-        Command::Plan(PlanCommand::Expand { file }) => show(&g, &file, true),
-        Command::Finalize { plan } => with_runtime(
-            &g,
-            move |cx| async move { finalize(&cx, &plan).await },
-            minute,
-            none(),
-            false,
-        ),
+        Command::Plan(PlanCommand::Show { file }) => plan_cmd::show(&g, &file, false),
+        Command::Plan(PlanCommand::Expand { file }) => plan_cmd::show(&g, &file, true),
     }
 }
 
-/// `plan apply FILE`.
-async fn apply(cx: &exec::Context, file: &Path) -> Result<Exit, exec::Error> {
-    let plan = load_or_report(file)?;
-    announce(cx, &plan);
-    finish(&plan.id, runner::run(cx, &plan, runner::Mode::Apply).await)
-}
-
-/// `resume PLAN`: a waiting gate passes only when the operator confirms it.
-async fn resume(cx: &exec::Context, arg: &str) -> Result<Exit, exec::Error> {
-    let plan = resolve_plan(cx, arg).await?;
-    if !cx.options.yes
-        && let Some(gate) = prompt::waiting_gate(cx, &plan).await
-        && !prompt::confirm_gate(&plan, &gate)
-    {
-        return Ok(Exit::Resumable);
-    }
-    announce(cx, &plan);
-    finish(&plan.id, runner::run(cx, &plan, runner::Mode::Resume).await)
-}
-
-/// `rollback PLAN`, once the operator has confirmed it.
-async fn roll_back(cx: &exec::Context, arg: &str) -> Result<Exit, exec::Error> {
-    let plan = resolve_plan(cx, arg).await?;
-    if !cx.options.yes && !prompt::confirm_rollback(cx, &plan).await? {
-        return Ok(Exit::Invalid);
-    }
-    rollback::rollback(cx, &plan).await?;
-    eprintln!(
-        "pgshift: plan `{}` rolled back; `pgshift status {}` shows each step",
-        plan.id, plan.id
-    );
-    Ok(Exit::Ok)
-}
-
-/// `backfill FILE`: only the backfill steps, with the operator's throttles.
-async fn backfill(cx: &exec::Context, file: &Path) -> Result<Exit, exec::Error> {
-    let plan = load_or_report(file)?;
-    if let Some(s) = &cx.options.backfill.step
-        && !plan
-            .steps
-            .iter()
-            .any(|x| &x.name == s && matches!(x.kind, plan::StepKind::Backfill(_)))
-    {
-        return Err(exec::Error::Usage(format!(
-            "plan `{}` has no backfill step `{s}`",
-            plan.id
-        )));
-    }
-    record_overrides(cx, &plan).await?;
-    finish(
-        &plan.id,
-        runner::run(cx, &plan, runner::Mode::BackfillOnly).await,
-    )
-}
-
-/// `plan show FILE` and `plan expand FILE`: offline when the plan needs no
-/// catalog; else with the facts recorded at the plan's first run on the
-/// database, or read from it now (read-only).
-fn show(g: &Global, file: &Path, expand: bool) -> Exit {
-    let p = match plan::load(file) {
-        Ok(p) => p,
-        Err(e) => {
-            print_diagnostics(&e.diagnostics());
-            return Exit::Invalid;
-        }
-    };
-    let p = if p.pending.is_empty() {
-        p
-    } else {
-        match with_catalog(g, &p) {
-            Ok(full) => full,
-            Err(why) => {
-                eprintln!(
-                    "error: {} of plan `{}` need the live catalog to be expanded ({}), and {why}. Point --database-url (or DATABASE_URL) at the database the plan is for; nothing is changed there",
-                    p.pending.join(", "),
-                    p.id,
-                    if p.pending.len() == 1 {
-                        "it reads"
-                    } else {
-                        "they read"
-                    },
-                );
-                return Exit::Invalid;
-            }
-        }
-    };
-    if expand {
-        print!("{}", crate::ops::yaml::emit(&p.expanded));
-    } else {
-        print!("{}", crate::show::render(&p));
-    }
-    Exit::Ok
-}
-
-/// The plan expanded with the catalog of `--database-url`: the facts recorded at
-/// its first run there, or read now.
-fn with_catalog(g: &Global, p: &Plan) -> Result<Plan, String> {
-    let rt = runtime().map_err(|_| "the async runtime did not start".to_string())?;
-    let url = g
-        .database_url
-        .clone()
-        .unwrap_or_else(|| db::DEFAULT_URL.to_string());
-    let target = db::Target::parse(&url).map_err(|e| e.to_string())?;
-    let control = Control::new(&g.control_schema);
-    rt.block_on(async move {
-        let c = db::connect(&target)
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let recorded = if control.exists_on(&c).await.unwrap_or(false) {
-            control
-                .last_event(&c, &p.id, "catalog_read")
-                .await
-                .ok()
-                .flatten()
-                .and_then(|(_, d)| serde_json::from_value(d.get("catalog")?.clone()).ok())
-        } else {
-            None
-        };
-        let catalog = match recorded {
-            Some(c) => c,
-            None => crate::exec::catalog::read(&c, &p.changes)
-                .await
-                .map_err(|e| format!("reading the catalog failed: {e}"))?,
-        };
-        crate::exec::preflight::expand(p, &catalog).map_err(|e| e.to_string())
-    })
-}
-
-/// `finalize PLAN`.
-async fn finalize(cx: &exec::Context, arg: &str) -> Result<Exit, exec::Error> {
-    let plan = resolve_plan(cx, arg).await?;
-    let done = crate::exec::finalize::finalize(cx, &plan).await?;
-    if done.is_empty() {
-        eprintln!(
-            "pgshift: plan `{}` set nothing aside; it is finalized",
-            plan.id
-        );
-    } else {
-        eprintln!(
-            "pgshift: plan `{}` finalized: dropped what {} set aside; rollback can no longer undo them",
-            plan.id,
-            done.join(", ")
-        );
-    }
-    Ok(Exit::Ok)
-}
-
-/// Builds the runtime and the execution context, installs the signal handlers,
-/// runs `f`, and turns its result into an exit code.
-fn with_runtime<F, Fut>(
-    g: &Global,
-    f: F,
+/// What a database command runs with, besides the global options.
+struct Setup {
     reconnect_timeout: Duration,
     backfill: engine::BackfillOverrides,
     accept_changed: bool,
-) -> Exit
+    force_changed: bool,
+}
+
+/// Builds the runtime and the execution context, opens a first connection (so
+/// that one that cannot open says so, and that nothing was changed), installs
+/// the signal handlers, runs `f`, and turns its result into an exit code.
+fn with_runtime<F, Fut>(g: &Global, setup: Setup, f: F) -> Exit
 where
     F: FnOnce(exec::Context) -> Fut,
     Fut: std::future::Future<Output = Result<Exit, exec::Error>>,
@@ -343,26 +229,30 @@ where
     let target = match db::Target::parse(&url) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: {e}");
+            Line::error("invalid_url", format!("{e}; nothing was changed")).emit();
             return Exit::Invalid;
         }
     };
+    output::set_target(&target.display);
     let options = exec::Options {
         yes: g.yes,
-        accept_changed,
+        accept_changed: setup.accept_changed,
+        force_changed: setup.force_changed,
         auto_gates: false,
-        backfill,
-        reconnect_timeout,
+        backfill: setup.backfill,
+        reconnect_timeout: setup.reconnect_timeout,
     };
     rt.block_on(async move {
+        if let Err(code) = connect::probe(&target).await {
+            return code;
+        }
         let cx = match context(g, target, options) {
             Ok(cx) => cx,
             Err(e) => {
-                eprintln!("error: {e}");
+                Line::error("error", format!("{e}; nothing was changed")).emit();
                 return Exit::Invalid;
             }
         };
-        install_signals(cx.cancel.clone(), cx.reporter.clone());
         match f(cx).await {
             Ok(code) => code,
             Err(e) => report_error(&e),
@@ -377,30 +267,34 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
         .enable_all()
         .build()
         .map_err(|e| {
-            eprintln!("error: cannot start the async runtime: {e}");
+            Line::error("error", format!("cannot start the async runtime: {e}")).emit();
             Exit::StepFailed
         })
 }
 
-/// The execution context for `target`.
+/// The execution context for `target`, with the terminal reporter, and the
+/// signal handlers installed (call inside the runtime).
 pub fn context(
     g: &Global,
     target: db::Target,
     options: exec::Options,
 ) -> Result<exec::Context, db::Error> {
     let pool = db::pool(&target, 16)?;
-    Ok(exec::Context {
+    let terminal = Arc::new(report::Terminal::new(g.progress, g.quiet));
+    let cx = exec::Context {
         target,
         pool,
         control: Control::new(&g.control_schema),
         cancel: CancellationToken::new(),
-        reporter: Arc::new(report::Terminal::new(g.progress, g.quiet)),
+        reporter: terminal.clone(),
         options,
-    })
+    };
+    install_signals(cx.cancel.clone(), terminal);
+    Ok(cx)
 }
 
 /// First SIGINT/SIGTERM: stop after the batch or statement in flight. Second SIGINT: exit at once.
-pub fn install_signals(cancel: CancellationToken, reporter: Arc<dyn engine::Reporter>) {
+fn install_signals(cancel: CancellationToken, terminal: Arc<report::Terminal>) {
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -411,290 +305,48 @@ pub fn install_signals(cancel: CancellationToken, reporter: Arc<dyn engine::Repo
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        reporter.message("interrupted: cancelling the statement in flight and saving progress (press Ctrl-C again to quit at once)");
+        terminal.interrupted();
+        Line::info(
+            "interrupted",
+            "interrupted: cancelling the statement in flight and saving progress (press Ctrl-C again to quit at once)",
+        )
+        .emit();
         cancel.cancel();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        eprintln!(
-            "pgshift: second interrupt, exiting now; `pgshift resume` continues from the last committed step or batch"
-        );
+        Line::info(
+            "exit_now",
+            format!(
+                "second interrupt, exiting now; `{}` continues from the last committed step or batch",
+                hint::command("resume PLAN")
+            ),
+        )
+        .emit();
         std::process::exit(Exit::Resumable.code());
     });
 }
 
-fn announce(cx: &exec::Context, plan: &Plan) {
-    let size = if plan.pending.is_empty() {
-        format!("{} steps", plan.steps.len())
-    } else {
-        format!(
-            "{} steps, and those of {} operation(s) generated from the live catalog",
-            plan.steps.len(),
-            plan.pending.len()
-        )
-    };
-    cx.reporter.message(&format!(
-        "plan `{}` ({size}) on {}",
-        plan.id, cx.target.display
-    ));
+/// Prints an error with its exit code; returns the code.
+fn report_error(e: &exec::Error) -> Exit {
+    let code = e.exit();
+    Line::error("error", e.to_string())
+        .field("exit", code.code())
+        .field("failed_step", e.step())
+        .emit();
+    code
 }
 
-/// Loads a plan file; on errors prints every diagnostic and returns a usage error.
-fn load_or_report(file: &Path) -> Result<Plan, exec::Error> {
-    plan::load(file).map_err(|e| {
-        print_diagnostics(&e.diagnostics());
-        exec::Error::Usage(format!(
-            "{}: the plan is invalid; nothing was changed",
-            file.display()
-        ))
-    })
-}
-
-/// A plan given by file, or by id (its file recorded in the control table).
-async fn resolve_plan(cx: &exec::Context, arg: &str) -> Result<Plan, exec::Error> {
-    let path = Path::new(arg);
-    if path.is_file() || arg.ends_with(".yaml") || arg.ends_with(".yml") {
-        return load_or_report(path);
-    }
-    let c = db::connect(&cx.target).await?;
-    let exists = cx.control.exists(&c).await?;
-    let recorded = if exists {
-        cx.control.plan_row(&c, arg).await?
-    } else {
-        None
-    };
-    let Some(row) = recorded else {
-        let known: Vec<String> = if exists {
-            cx.control
-                .plans(&c)
-                .await?
-                .into_iter()
-                .map(|p| p.id)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        return Err(exec::Error::Usage(format!(
-            "no plan `{arg}` is recorded in {} (known: {}); pass the plan file instead",
-            cx.control.schema,
-            if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            }
-        )));
-    };
-    let file = PathBuf::from(&row.file);
-    if !file.is_file() {
-        return Err(exec::Error::Usage(format!(
-            "plan `{arg}` was started from {}, which no longer exists here; pass the plan file: `pgshift resume path/to/{arg}.yaml`",
-            row.file
-        )));
-    }
-    load_or_report(&file)
-}
-
-async fn record_overrides(cx: &exec::Context, plan: &Plan) -> Result<(), exec::Error> {
-    let o = &cx.options.backfill;
-    if o.batch_size.is_none()
-        && o.sleep.is_none()
-        && o.max_rows_per_sec.is_none()
-        && o.target_batch_time.is_none()
-        && o.workers.is_none()
-    {
-        return Ok(());
-    }
-    let c = db::connect(&cx.target).await?;
-    if !cx.control.exists(&c).await? || cx.control.plan_row(&c, &plan.id).await?.is_none() {
-        return Ok(());
-    }
-    let given = Event::CliOverrides {
-        batch_size: o.batch_size,
-        sleep_ms: o.sleep.map(|d| d.as_millis() as u64),
-        max_rows_per_sec: o.max_rows_per_sec,
-        target_batch_time_ms: o.target_batch_time.map(|d| d.as_millis() as u64),
-        workers: o.workers,
-        step: o.step.clone(),
-        by: engine::whoami(),
-    };
-    cx.control
-        .event(&c, &plan.id, o.step.as_deref(), &given)
-        .await?;
-    Ok(())
-}
-
-/// `throttle PLAN`: stores a patch of live overrides for the plan's backfill steps.
-async fn throttle(
-    cx: &exec::Context,
-    plan: &str,
-    step: Option<&str>,
-    patch: &Overrides,
-) -> Result<Exit, exec::Error> {
-    if let Some(b) = patch.batch_size
-        && (b == 0 || b > plan::defaults::BATCH_SIZE_LIMIT)
-    {
-        return Err(exec::Error::Usage(format!(
-            "--batch-size must be between 1 and {}",
-            plan::defaults::BATCH_SIZE_LIMIT
-        )));
-    }
-    if patch.is_empty() {
-        return Err(exec::Error::Usage("nothing to change: give --batch-size, --sleep, --max-rows-per-sec, --pause or --unpause".into()));
-    }
-    let c = db::connect(&cx.target).await?;
-    if !cx.control.exists(&c).await? || cx.control.plan_row(&c, plan).await?.is_none() {
-        return Err(exec::Error::Usage(format!(
-            "no plan `{plan}` is recorded in {}",
-            cx.control.schema
-        )));
-    }
-    let n = cx.control.merge_overrides(&c, plan, step, patch).await?;
-    if n == 0 {
-        return Err(exec::Error::Usage(format!(
-            "plan `{plan}` has no backfill step{}",
-            step.map(|s| format!(" named `{s}`")).unwrap_or_default()
-        )));
-    }
-    let set = Event::OverrideSet {
-        set: patch.clone(),
-        by: engine::whoami(),
-    };
-    cx.control.event(&c, plan, step, &set).await?;
-    println!(
-        "set {} on {n} backfill step(s) of `{plan}`; a running backfill applies it at its next batch",
-        patch.to_json()
-    );
-    Ok(Exit::Ok)
-}
-
-/// Maps a run's result to the exit code, printing what happened and what to do next.
-fn finish(plan: &str, r: Result<(), exec::Error>) -> Result<Exit, exec::Error> {
-    match r {
-        Ok(()) => {
-            eprintln!("pgshift: plan `{plan}` done");
-            Ok(Exit::Ok)
-        }
-        Err(exec::Error::Gate {
-            plan,
-            step,
-            message,
-        }) => {
-            eprintln!(
-                "pgshift: plan `{plan}` stopped at gate `{step}`:\n  {message}\nwhen that is done, continue with:\n  pgshift resume {plan}"
-            );
-            Ok(Exit::Resumable)
-        }
-        // The runner's own connection (the one holding the plan's lock and writing
-        // the control table) was lost between steps or after a backfill's workers
-        // reconnected: nothing is half-done, the plan continues where it stopped.
-        Err(exec::Error::Db(e)) if e.is_connection_lost() => {
-            eprintln!(
-                "error: lost the connection to the database ({e}); plan `{plan}` stopped, and every step that committed is recorded"
-            );
-            eprintln!("once the server answers again, continue with: pgshift resume {plan}");
-            Ok(Exit::Resumable)
-        }
-        Err(e) => {
-            let code = report_error(&e);
-            let next = match &e {
-                exec::Error::Cancelled { .. } | exec::Error::ConnectionLost { .. } => {
-                    format!("continue with: pgshift resume {plan}")
-                }
-                e if e.is_step_failure() => format!(
-                    "see `pgshift status {plan}`; fix the cause, then `pgshift resume {plan}` (or undo with `pgshift rollback {plan}`)"
-                ),
-                _ => String::new(),
-            };
-            if !next.is_empty() {
-                eprintln!("{next}");
-            }
-            Ok(code)
-        }
-    }
+/// Prints the next command to run (`what: pgshift …`).
+fn next(what: &str, args: &str) {
+    let command = hint::command(args);
+    Line::plain(Level::Info, "next", format!("{what}:\n  {command}"))
+        .field("command", command)
+        .emit();
 }
 
 /// The `status` table of one plan (used by the demo).
 pub async fn print_status(cx: &exec::Context, plan: Option<&str>) -> Result<Exit, exec::Error> {
     status::print(cx, plan, StatusFormat::Table, false).await
-}
-
-fn report_error(e: &exec::Error) -> Exit {
-    eprintln!("error: {e}");
-    e.exit()
-}
-
-fn validate(files: &[PathBuf], format: OutputFormat, quiet: bool) -> Exit {
-    let mut all = Vec::new();
-    let mut failed = false;
-    let mut summaries = Vec::new();
-    for file in files {
-        match plan::load(file) {
-            Ok(p) => {
-                summaries.push(serde_json::json!({"file": file, "id": p.id, "valid": true, "steps": p.steps.len()}));
-                if format == OutputFormat::Human && !quiet {
-                    let warnings = p.notes.clone();
-                    print_diagnostics(&warnings);
-                    let pending = if p.pending.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            "; generated from the live catalog when it runs, and shown by `pgshift plan show` against the database: {}",
-                            p.pending.join(", ")
-                        )
-                    };
-                    println!(
-                        "ok: {} (plan `{}`, {} steps{pending})",
-                        file.display(),
-                        p.id,
-                        p.steps.len()
-                    );
-                }
-                all.extend(p.notes);
-            }
-            Err(e) => {
-                failed = true;
-                let diags = e.diagnostics();
-                summaries.push(serde_json::json!({"file": file, "valid": false}));
-                if format == OutputFormat::Human {
-                    print_diagnostics(&diags);
-                    let n = diags
-                        .iter()
-                        .filter(|d| d.severity == Severity::Error)
-                        .count();
-                    eprintln!("{}: {n} error(s); nothing was changed", file.display());
-                }
-                all.extend(diags);
-            }
-        }
-    }
-    if format == OutputFormat::Json {
-        let out = serde_json::json!({
-            "valid": !failed,
-            "files": summaries,
-            "diagnostics": all.iter().map(diagnostic_json).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
-    }
-    if failed { Exit::Invalid } else { Exit::Ok }
-}
-
-/// The JSON form of a diagnostic (stable: CI scripts read it).
-pub fn diagnostic_json(d: &Diagnostic) -> serde_json::Value {
-    serde_json::json!({
-        "file": d.file,
-        "line": d.pos.line,
-        "column": d.pos.col,
-        "severity": match d.severity { Severity::Error => "error", Severity::Warning => "warning" },
-        "rule": d.rule,
-        "step": d.step,
-        "message": d.message,
-        "help": d.help,
-    })
-}
-
-fn print_diagnostics(diags: &[Diagnostic]) {
-    for d in diags {
-        eprintln!("{d}");
-    }
 }

@@ -1,9 +1,12 @@
 //! The questions pgshift asks before it does something an operator must
 //! confirm: passing a gate, rolling a plan back. Off a terminal nothing can
-//! answer, so the answer is no unless `--yes` was given.
+//! answer, so the answer is no unless `--yes` was given; with
+//! `--log-format json` (a pipeline reads stderr) pgshift never asks either.
 
 use std::io::{BufRead, IsTerminal, Write};
 
+use super::hint;
+use super::output::{self, Level, Line};
 use crate::control::Status;
 use crate::db;
 use crate::exec::{self, rollback};
@@ -18,6 +21,21 @@ pub async fn waiting_gate(cx: &exec::Context, plan: &Plan) -> Option<String> {
         .map(|r| r.name)
 }
 
+/// True when a person can answer a question here.
+fn can_ask() -> bool {
+    std::io::stdin().is_terminal() && !output::is_json()
+}
+
+/// Reads a `y`/`yes` from the terminal (anything else, or nothing, is no).
+fn answer_yes(question: &str) -> bool {
+    let mut err = std::io::stderr();
+    let _ = write!(err, "{question} [y/N] ");
+    let _ = err.flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    matches!(line.trim(), "y" | "Y" | "yes")
+}
+
 /// Asks on a terminal before passing a gate. Off a terminal nothing can answer, so the
 /// gate stays closed: a script that retries `resume` must never walk through a gate.
 pub fn confirm_gate(plan: &Plan, gate: &str) -> bool {
@@ -25,22 +43,26 @@ pub fn confirm_gate(plan: &Plan, gate: &str) -> bool {
         Some(plan::StepKind::Gate(m)) => m.clone(),
         _ => String::new(),
     };
-    if !std::io::stdin().is_terminal() {
-        eprintln!(
-            "pgshift: plan `{}` waits at gate `{gate}`:\n  {message}\nthe gate stays closed: off a terminal, resume passes a gate only with --yes. When that is done, continue with:\n  pgshift --yes resume {}",
-            plan.id, plan.id
-        );
+    if !can_ask() {
+        Line::info(
+            "gate_closed",
+            format!(
+                "plan `{}` waits at gate `{gate}`:\n  {message}\nthe gate stays closed: off a terminal, resume passes a gate only with --yes. When that is done, continue with:\n  {}",
+                plan.id,
+                hint::command(&format!("--yes resume {}", plan.id))
+            ),
+        )
+        .step(gate)
+        .field("gate", gate)
+        .field("message", &message)
+        .emit();
         return false;
     }
-    eprint!(
-        "The plan waits at gate `{gate}`: {message}\nHas that been done? Continue past the gate [y/N] "
-    );
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    let _ = std::io::stdin().lock().read_line(&mut line);
-    let yes = matches!(line.trim(), "y" | "Y" | "yes");
+    let yes = answer_yes(&format!(
+        "The plan waits at gate `{gate}`: {message}\nHas that been done? Continue past the gate"
+    ));
     if !yes {
-        eprintln!("not resumed: the gate stays closed");
+        Line::info("gate_closed", "not resumed: the gate stays closed").emit();
     }
     yes
 }
@@ -65,22 +87,34 @@ pub async fn confirm_rollback(cx: &exec::Context, plan: &Plan) -> Result<bool, e
             text.push_str(&format!("    {first}{more}\n"));
         }
     }
-    eprint!("{text}");
-    if !std::io::stdin().is_terminal() {
-        eprintln!(
-            "refused: off a terminal, rollback runs only with --yes; nothing was changed. To roll back:\n  pgshift --yes rollback {}",
-            plan.id
-        );
+    if let Some((last, _)) = undo.last()
+        && plan.step(last).is_some_and(|s| s.is_irreversible())
+    {
+        text.push_str(&format!(
+            "  and stop at `{last}`: the plan gives it no rollback, so it and the steps before it stay\n"
+        ));
+    }
+    Line::plain(Level::Info, "rollback_preview", text.trim_end())
+        .field(
+            "steps",
+            undo.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+        )
+        .emit();
+    if !can_ask() {
+        Line::info(
+            "rollback_refused",
+            format!(
+                "refused: off a terminal, rollback runs only with --yes; nothing was changed. To roll back:\n  {}",
+                hint::command(&format!("--yes rollback {}", plan.id))
+            ),
+        )
+        .emit();
         return Ok(false);
     }
-    eprint!("Roll back plan `{}`? [y/N] ", plan.id);
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    let _ = std::io::stdin().lock().read_line(&mut line);
-    if matches!(line.trim(), "y" | "Y" | "yes") {
+    if answer_yes(&format!("Roll back plan `{}`?", plan.id)) {
         Ok(true)
     } else {
-        eprintln!("not rolled back; nothing was changed");
+        Line::info("rollback_refused", "not rolled back; nothing was changed").emit();
         Ok(false)
     }
 }

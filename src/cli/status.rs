@@ -1,13 +1,32 @@
 //! `pgshift status`: plans and steps from the control table, as a table or as
 //! JSON (a stable format that scripts and monitoring read; the README documents it).
+//!
+//! What it shows is what is true now: a backfill the operator paused is
+//! `paused` (with no rate), a plan at a gate says what the gate asks, and
+//! timestamps are RFC 3339 in UTC.
 
 use serde_json::{Value as Json, json};
+use tokio_postgres::Client;
 
 use super::StatusFormat;
-use crate::control::{EventRow, PlanRow, Status, StepRow};
+use super::hint;
+use crate::control::{PlanRow, Status, StepRow};
 use crate::db;
 use crate::exec::{self, Context};
 use crate::exit::Exit;
+
+/// One plan as `status` shows it.
+struct Shown {
+    plan: PlanRow,
+    steps: Vec<StepRow>,
+    events: Option<Vec<crate::control::EventRow>>,
+    /// A runner holds the plan's lock now.
+    alive: bool,
+    /// What the gate the plan waits at asks, if it waits at one.
+    gate: Option<(String, String)>,
+    /// What the contract set aside, and why a pre-flight stopped the plan.
+    extra: Extra,
+}
 
 /// Prints every plan, or one plan's steps.
 pub async fn print(
@@ -17,6 +36,10 @@ pub async fn print(
     events: bool,
 ) -> Result<Exit, exec::Error> {
     let c = db::connect(&cx.target).await?;
+    // This connection is status's own: UTC and ISO make every timestamp read alike.
+    c.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
+        .await
+        .map_err(db::Error::from)?;
     // A read-only command: it never creates the control schema.
     let exists = cx.control.exists(&c).await?;
     let plans: Vec<PlanRow> = match plan {
@@ -28,7 +51,7 @@ pub async fn print(
             Some(p) => vec![p],
             None => {
                 return Err(exec::Error::Usage(format!(
-                    "no plan `{id}` is recorded in schema `{}` of {}",
+                    "no plan `{id}` is recorded in schema `{}` of {}; check --database-url and --control-schema",
                     cx.control.schema, cx.target.display
                 )));
             }
@@ -37,77 +60,161 @@ pub async fn print(
         None => Vec::new(),
     };
     let mut out = Vec::new();
-    for p in &plans {
-        let steps = cx.control.steps(&c, &p.id).await?;
-        // A recorded runner whose lock is gone crashed or was killed (kill -9, lost host).
-        let alive = p.runner.is_some() && cx.control.lock_holder(&c, &p.id).await?.is_some();
-        let evs = if events {
-            Some(cx.control.events(&c, &p.id).await?)
-        } else {
-            None
-        };
-        let extra = extra(cx, &c, p, &steps).await;
-        out.push((p, steps, evs, alive, extra));
+    for p in plans {
+        out.push(shown(cx, &c, p, events).await?);
     }
     match format {
         StatusFormat::Json => {
-            let plans: Vec<Json> = out
-                .iter()
-                .map(|(p, steps, evs, alive, extra)| {
-                    let mut v = plan_json(p, steps, evs.as_deref(), *alive);
-                    extra.add_to(&mut v);
-                    v
-                })
-                .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(
-                    &json!({"version": 1, "control_schema": cx.control.schema, "plans": plans})
-                )
-                .unwrap_or_default()
-            );
+            let plans: Vec<Json> = out.iter().map(plan_json).collect();
+            let doc = json!({
+                "version": 1,
+                "database": cx.target.display,
+                "control_schema": cx.control.schema,
+                "plans": plans,
+            });
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         }
+        StatusFormat::Table if plan.is_none() => print_all(cx, &out),
         StatusFormat::Table => {
-            if out.is_empty() {
-                println!(
-                    "no plans recorded in schema `{}` yet; start one with `pgshift plan apply FILE`",
-                    cx.control.schema
-                );
-            }
-            for (p, steps, evs, alive, extra) in &out {
-                if plan.is_none() {
-                    let done = steps
-                        .iter()
-                        .filter(|s| s.status == Status::Succeeded)
-                        .count();
-                    println!(
-                        "{:<32} {:<12} {done}/{} steps  updated {}",
-                        p.id,
-                        p.status,
-                        steps.len(),
-                        p.updated_at
-                    );
-                    continue;
-                }
-                print_plan(p, steps, *alive);
-                extra.print(&p.id);
-                if let Some(evs) = evs {
-                    println!("\nevents:");
-                    for (at, step, event, detail) in evs.iter() {
-                        println!(
-                            "  {at}  {:<20} {:<22} {detail}",
-                            step.as_deref().unwrap_or("-"),
-                            event
-                        );
-                    }
-                }
-            }
-            if plan.is_none() && !out.is_empty() {
-                println!("\n`pgshift status PLAN_ID` shows one plan's steps");
+            for s in &out {
+                print_plan(s);
             }
         }
     }
     Ok(Exit::Ok)
+}
+
+async fn shown(
+    cx: &Context,
+    c: &Client,
+    plan: PlanRow,
+    events: bool,
+) -> Result<Shown, exec::Error> {
+    let steps = cx.control.steps(c, &plan.id).await?;
+    // A recorded runner whose lock is gone crashed or was killed (kill -9, lost host).
+    let alive = plan.runner.is_some() && cx.control.lock_holder(c, &plan.id).await?.is_some();
+    let events = if events {
+        Some(cx.control.events(c, &plan.id).await?)
+    } else {
+        None
+    };
+    let gate = match steps.iter().find(|s| s.status == Status::Waiting) {
+        Some(s) => Some((
+            s.name.clone(),
+            gate_message(cx, c, &plan.id, &s.name).await?,
+        )),
+        None => None,
+    };
+    let extra = extra(cx, c, &plan, &steps).await;
+    Ok(Shown {
+        plan,
+        steps,
+        events,
+        alive,
+        gate,
+        extra,
+    })
+}
+
+/// What the gate said when the plan stopped at it (its last `gate_waiting` event).
+async fn gate_message(
+    cx: &Context,
+    c: &Client,
+    plan: &str,
+    step: &str,
+) -> Result<String, exec::Error> {
+    let row = c
+        .query_opt(
+            &cx.control.sql(
+                "SELECT detail->>'message' FROM __SCHEMA__.events
+                 WHERE plan_id = $1 AND step = $2 AND event = 'gate_waiting' ORDER BY id DESC LIMIT 1",
+            ),
+            &[&plan, &step],
+        )
+        .await
+        .map_err(db::Error::from)?;
+    Ok(row.and_then(|r| r.get(0)).unwrap_or_default())
+}
+
+/// Every plan, one line each, under the database and schema they were read from.
+fn print_all(cx: &Context, out: &[Shown]) {
+    if out.is_empty() {
+        println!(
+            "no plans recorded in schema `{}` of {} yet; start one with `{}`",
+            cx.control.schema,
+            cx.target.display,
+            hint::command("plan apply FILE")
+        );
+        return;
+    }
+    println!(
+        "plans recorded in schema `{}` of {}:\n",
+        cx.control.schema, cx.target.display
+    );
+    for s in out {
+        let done = s
+            .steps
+            .iter()
+            .filter(|x| x.status == Status::Succeeded)
+            .count();
+        println!(
+            "{:<32} {:<12} {done}/{} steps  updated {}",
+            s.plan.id,
+            plan_status(s),
+            s.steps.len(),
+            table_time(&s.plan.updated_at)
+        );
+    }
+    println!(
+        "\n`{}` shows one plan's steps",
+        hint::command("status PLAN_ID")
+    );
+}
+
+/// A step as it is now: `paused` when it runs but the operator paused it.
+fn step_status(s: &StepRow, alive: bool) -> &'static str {
+    if is_paused(s, alive) {
+        "paused"
+    } else {
+        s.status.as_str()
+    }
+}
+
+fn is_paused(s: &StepRow, alive: bool) -> bool {
+    alive && s.status == Status::Running && s.overrides.paused == Some(true)
+}
+
+fn plan_status(s: &Shown) -> &'static str {
+    if s.steps.iter().any(|x| is_paused(x, s.alive)) {
+        "paused"
+    } else {
+        s.plan.status.as_str()
+    }
+}
+
+/// Rows per second over the step's run so far (none while paused: it is not moving).
+fn rate(s: &StepRow, alive: bool) -> Option<f64> {
+    if is_paused(s, alive) {
+        return None;
+    }
+    match s.duration_secs {
+        Some(d) if d > 0.0 && s.rows_done > 0 => Some(s.rows_done as f64 / d),
+        _ => None,
+    }
+}
+
+/// `2025-03-01 04:05:06.123456+00` (ISO, UTC) as RFC 3339: `2025-03-01T04:05:06.123456Z`.
+pub fn rfc3339(pg: &str) -> String {
+    let t = pg.trim();
+    let t = t.strip_suffix("+00").unwrap_or(t);
+    format!("{}Z", t.replacen(' ', "T", 1))
+}
+
+/// The same instant for the table: `2025-03-01 04:05:06 UTC`.
+fn table_time(pg: &str) -> String {
+    let t = pg.trim().trim_end_matches("+00");
+    let t = t.split('.').next().unwrap_or(t);
+    format!("{t} UTC")
 }
 
 /// What the control table says beyond steps: what the contract phase set aside
@@ -120,7 +227,7 @@ struct Extra {
     preflight: Vec<String>,
 }
 
-async fn extra(cx: &Context, c: &tokio_postgres::Client, p: &PlanRow, steps: &[StepRow]) -> Extra {
+async fn extra(cx: &Context, c: &Client, p: &PlanRow, steps: &[StepRow]) -> Extra {
     let mut out = Extra::default();
     if p.status == Status::Failed
         && !steps.iter().any(|s| s.status == Status::Failed)
@@ -168,7 +275,7 @@ async fn extra(cx: &Context, c: &tokio_postgres::Client, p: &PlanRow, steps: &[S
                 .unwrap_or(false),
             None => false,
         };
-        out.retained.push((step.name.clone(), since, due));
+        out.retained.push((step.name.clone(), rfc3339(&since), due));
     }
     out
 }
@@ -182,11 +289,15 @@ impl Extra {
             }
         }
         if let Some(at) = &self.finalized_at {
-            println!("\nfinalized at {at}: what the contract phase set aside is dropped");
+            println!(
+                "\nfinalized at {}: what the contract phase set aside is dropped",
+                rfc3339(at)
+            );
         }
         if !self.retained.is_empty() {
             println!(
-                "\nset aside by the contract phase, kept until `pgshift finalize {id}` (rollback still works until then):"
+                "\nset aside by the contract phase, kept until `{}` (rollback still works until then):",
+                hint::command(&format!("finalize {id}"))
             );
             for (step, since, due) in &self.retained {
                 let due = if *due {
@@ -205,31 +316,27 @@ impl Extra {
             .iter()
             .map(|(step, since, due)| json!({"step": step, "since": since, "finalize_due": due}))
             .collect();
-        v["finalized_at"] = json!(self.finalized_at);
+        v["finalized_at"] = json!(self.finalized_at.as_deref().map(rfc3339));
         v["preflight_findings"] = json!(self.preflight);
     }
 }
 
-fn rate(s: &StepRow) -> Option<f64> {
-    match s.duration_secs {
-        Some(d) if d > 0.0 && s.rows_done > 0 => Some(s.rows_done as f64 / d),
-        _ => None,
-    }
-}
-
-fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
+fn print_plan(s: &Shown) {
+    let p = &s.plan;
     println!(
         "plan {}  status {}  checksum {}",
         p.id,
-        p.status,
+        plan_status(s),
         &p.checksum.trim_start_matches("sha256:")[..12.min(p.checksum.len())]
     );
     println!(
         "  file {}\n  started {} by {}",
-        p.file, p.started_at, p.applied_by
+        p.file,
+        table_time(&p.started_at),
+        p.applied_by
     );
     match &p.runner {
-        Some(r) if alive => println!("  running now: {r}"),
+        Some(r) if s.alive => println!("  running now: {r}"),
         Some(r) => println!("  last runner: {r} (gone: it no longer holds the plan's lock)"),
         None => {}
     }
@@ -238,52 +345,77 @@ fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
         "#", "phase", "step", "kind", "status", "try", "time"
     );
     let no_return = point_of_no_return(p);
-    for s in steps {
-        if no_return.as_deref() == Some(s.name.as_str()) {
+    for st in &s.steps {
+        if no_return.as_deref() == Some(st.name.as_str()) {
             println!(
                 "      -- point of no return: `{}` has no rollback; past it `pgshift rollback` cannot undo the plan --",
-                s.name
+                st.name
             );
         }
-        let time = s
-            .duration_secs
-            .map(|d| format!("{d:.1}s"))
-            .unwrap_or_default();
-        let rows = match (s.rows_done, s.rows_total, rate(s)) {
-            (0, None, _) => String::new(),
-            (d, Some(t), Some(r)) => format!("{d}/~{t} ({r:.0}/s)"),
-            (d, Some(t), None) => format!("{d}/~{t}"),
-            (d, None, _) => d.to_string(),
-        };
-        println!(
-            "  {:>2}  {:<10} {:<28} {:<12} {:<11} {:>3} {:>9}  {rows}",
-            s.position + 1,
-            s.phase,
-            s.name,
-            s.kind,
-            s.status,
-            s.attempts,
-            time
-        );
-        if let Some(e) = &s.last_error
-            && s.status != Status::Succeeded
-        {
-            let state = s
-                .last_sqlstate
-                .as_deref()
-                .map(|x| format!(" [SQLSTATE {x}]"))
-                .unwrap_or_default();
-            let mut lines = e.lines();
-            println!("      last error{state}: {}", lines.next().unwrap_or(""));
-            for l in lines.take(12) {
-                println!("        {l}");
-            }
-        }
-        if !s.overrides.is_empty() {
-            println!("      operator overrides: {}", s.overrides.to_json());
+        print_step(st, s.alive, &p.id);
+    }
+    if let Some((gate, message)) = &s.gate {
+        println!("\nwaiting at gate `{gate}`, which asks:\n  {message}");
+    }
+    s.extra.print(&p.id);
+    println!("\nnext: {}", next_command(s));
+    if let Some(evs) = &s.events {
+        println!("\nevents:");
+        for (at, step, event, detail) in evs.iter() {
+            println!(
+                "  {}  {:<20} {:<22} {detail}",
+                table_time(at),
+                step.as_deref().unwrap_or("-"),
+                event
+            );
         }
     }
-    println!("\nnext: {}", next_command(p, steps, alive));
+}
+
+fn print_step(s: &StepRow, alive: bool, plan: &str) {
+    let time = s
+        .duration_secs
+        .map(|d| format!("{d:.1}s"))
+        .unwrap_or_default();
+    let rows = match (s.rows_done, s.rows_total, rate(s, alive)) {
+        (0, None, _) => String::new(),
+        (d, Some(t), Some(r)) => format!("{d}/~{t} ({r:.0}/s)"),
+        (d, Some(t), None) => format!("{d}/~{t}"),
+        (d, None, _) => d.to_string(),
+    };
+    println!(
+        "  {:>2}  {:<10} {:<28} {:<12} {:<11} {:>3} {:>9}  {rows}",
+        s.position + 1,
+        s.phase,
+        s.name,
+        s.kind,
+        step_status(s, alive),
+        s.attempts,
+        time
+    );
+    if is_paused(s, alive) {
+        println!(
+            "      paused by the operator; `{}` lets it continue",
+            hint::command(&format!("throttle {plan} --unpause"))
+        );
+    }
+    if let Some(e) = &s.last_error
+        && s.status != Status::Succeeded
+    {
+        // The message of a server error already ends with its SQLSTATE: say it once.
+        let state = match s.last_sqlstate.as_deref() {
+            Some(x) if !e.contains(&format!("SQLSTATE {x}")) => format!(" [SQLSTATE {x}]"),
+            _ => String::new(),
+        };
+        let mut lines = e.lines();
+        println!("      last error{state}: {}", lines.next().unwrap_or(""));
+        for l in lines.take(12) {
+            println!("        {l}");
+        }
+    }
+    if !s.overrides.is_empty() {
+        println!("      operator overrides: {}", s.overrides.to_json());
+    }
 }
 
 /// The first contract step without a rollback, read from the plan file the plan started from
@@ -293,37 +425,54 @@ fn point_of_no_return(p: &PlanRow) -> Option<String> {
     plan.point_of_no_return().map(|s| s.name.clone())
 }
 
-/// The command an operator most likely runs next. `alive`: a runner holds the plan's lock now.
-pub fn next_command(p: &PlanRow, steps: &[StepRow], alive: bool) -> String {
-    if alive {
+/// The command an operator most likely runs next.
+fn next_command(s: &Shown) -> String {
+    let (p, steps) = (&s.plan, &s.steps);
+    let cmd = |args: String| format!("`{}`", hint::command(&args));
+    if s.alive {
+        if steps.iter().any(|x| is_paused(x, true)) {
+            return format!(
+                "it is paused by the operator; let it continue with {}",
+                cmd(format!("throttle {} --unpause", p.id))
+            );
+        }
         return format!(
-            "it is running; watch it with `pgshift status {}` (retune with `pgshift throttle {}`)",
-            p.id, p.id
+            "it is running; watch it with {} (retune with `pgshift throttle {} …`)",
+            cmd(format!("status {}", p.id)),
+            p.id
         );
     }
     if p.status == Status::Running {
         return format!(
-            "its runner{} stopped without recording it (killed or crashed); continue with `pgshift resume {}`",
+            "its runner{} stopped without recording it (killed or crashed); continue with {}",
             p.runner
                 .as_deref()
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default(),
-            p.id
+            cmd(format!("resume {}", p.id))
+        );
+    }
+    let rolled_back = steps.iter().any(|x| x.status == Status::RolledBack);
+    let applied = steps.iter().any(|x| x.status == Status::Succeeded);
+    if rolled_back && applied && p.status != Status::RolledBack {
+        return format!(
+            "a rollback stopped partway: the steps marked rolled_back are undone, those marked succeeded are not. Apply the plan again with {}, or give the step that stopped it a rollback and run {}",
+            cmd(format!("resume {}", p.id)),
+            cmd(format!("rollback {} --accept-changed", p.id))
         );
     }
     match p.status {
         Status::Succeeded => "nothing: the plan is done".into(),
         Status::RolledBack => format!(
-            "nothing, or apply it again: `pgshift plan apply {}`",
-            p.file
+            "nothing, or apply it again: {}",
+            cmd(format!("plan apply {}", p.file))
         ),
         Status::Waiting => {
-            let gate = steps
-                .iter()
-                .find(|s| s.status == Status::Waiting)
-                .map(|s| s.name.clone())
-                .unwrap_or_default();
-            format!("do what gate `{gate}` asks, then `pgshift resume {}`", p.id)
+            let gate = s.gate.as_ref().map(|(g, _)| g.as_str()).unwrap_or_default();
+            format!(
+                "do what gate `{gate}` asks, then {}",
+                cmd(format!("resume {}", p.id))
+            )
         }
         Status::Failed => {
             let failed = steps
@@ -332,48 +481,74 @@ pub fn next_command(p: &PlanRow, steps: &[StepRow], alive: bool) -> String {
                 .map(|s| s.name.clone())
                 .unwrap_or_default();
             format!(
-                "fix what made `{failed}` fail, then `pgshift resume {}`; or undo with `pgshift rollback {}`",
-                p.id, p.id
+                "fix what made `{failed}` fail, then {}; or undo with {}",
+                cmd(format!("resume {}", p.id)),
+                cmd(format!("rollback {}", p.id))
             )
         }
-        _ => format!("`pgshift resume {}`", p.id),
+        _ => cmd(format!("resume {}", p.id)),
     }
 }
 
-fn plan_json(p: &PlanRow, steps: &[StepRow], events: Option<&[EventRow]>, alive: bool) -> Json {
+fn plan_json(s: &Shown) -> Json {
+    let p = &s.plan;
+    let time = |t: &Option<String>| t.as_deref().map(rfc3339);
     let mut v = json!({
         "id": p.id,
-        "status": p.status,
+        "status": plan_status(s),
         "checksum": p.checksum,
         "file": p.file,
         "applied_by": p.applied_by,
         "runner": p.runner,
-        "runner_alive": alive,
-        "started_at": p.started_at,
-        "updated_at": p.updated_at,
-        "next": next_command(p, steps, alive),
+        "runner_alive": s.alive,
+        "started_at": rfc3339(&p.started_at),
+        "updated_at": rfc3339(&p.updated_at),
+        "next": next_command(s),
         "irreversible_after": point_of_no_return(p),
-        "steps": steps.iter().map(|s| json!({
-            "position": s.position + 1,
-            "phase": s.phase,
-            "name": s.name,
-            "kind": s.kind,
-            "status": s.status,
-            "attempts": s.attempts,
-            "started_at": s.started_at,
-            "finished_at": s.finished_at,
-            "duration_secs": s.duration_secs,
-            "rows_done": s.rows_done,
-            "rows_total": s.rows_total,
-            "rows_per_sec": rate(s),
-            "last_error": s.last_error,
-            "last_sqlstate": s.last_sqlstate,
-            "checkpoint": s.checkpoint,
-            "overrides": s.overrides,
+        "gate": s.gate.as_ref().map(|(g, m)| json!({"step": g, "message": m})),
+        "steps": s.steps.iter().map(|st| json!({
+            "position": st.position + 1,
+            "phase": st.phase,
+            "name": st.name,
+            "kind": st.kind,
+            "status": step_status(st, s.alive),
+            "attempts": st.attempts,
+            "started_at": time(&st.started_at),
+            "finished_at": time(&st.finished_at),
+            "duration_secs": st.duration_secs,
+            "rows_done": st.rows_done,
+            "rows_total": st.rows_total,
+            "rows_per_sec": rate(st, s.alive),
+            "last_error": st.last_error,
+            "last_sqlstate": st.last_sqlstate,
+            "checkpoint": st.checkpoint,
+            "overrides": st.overrides,
         })).collect::<Vec<_>>(),
     });
-    if let Some(evs) = events {
-        v["events"] = evs.iter().map(|(at, step, event, detail)| json!({"at": at, "step": step, "event": event, "detail": detail})).collect();
+    s.extra.add_to(&mut v);
+    if let Some(evs) = &s.events {
+        v["events"] = evs
+            .iter()
+            .map(|(at, step, event, detail)| json!({"at": rfc3339(at), "step": step, "event": event, "detail": detail}))
+            .collect();
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_timestamps_become_rfc3339() {
+        assert_eq!(
+            rfc3339("2025-03-01 04:05:06.123456+00"),
+            "2025-03-01T04:05:06.123456Z"
+        );
+        assert_eq!(rfc3339("2025-03-01 04:05:06+00"), "2025-03-01T04:05:06Z");
+        assert_eq!(
+            table_time("2025-03-01 04:05:06.123456+00"),
+            "2025-03-01 04:05:06 UTC"
+        );
+    }
 }

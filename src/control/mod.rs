@@ -12,7 +12,7 @@ use tokio_postgres::{Client, GenericClient, Row};
 
 use crate::db::Error;
 use crate::ident::quote_ident;
-pub use types::{Checkpoint, Event, Overrides, Status};
+pub use types::{Checkpoint, Event, Overrides, Status, StepSnapshot};
 
 /// The version of `schema.sql`; bump it with a migration when the tables change.
 pub const SCHEMA_VERSION: i32 = 1;

@@ -171,6 +171,21 @@ pub struct HookRun {
     pub output: String,
 }
 
+/// One step as the plan file described it when the plan started (or when a
+/// change was accepted): what `resume` compares a changed file against, step by step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSnapshot {
+    pub name: String,
+    pub phase: String,
+    pub kind: String,
+    /// What the step does (its SQL, trigger, backfill, check, message or command).
+    pub body: String,
+    /// Its lock timeout, statement timeout and retries.
+    pub limits: String,
+    /// How it is undone (its rollback, generated or written), or empty.
+    pub rollback: String,
+}
+
 /// One entry of the events log: its name is the variant, its details the fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", content = "detail", rename_all = "snake_case")]
@@ -193,6 +208,11 @@ pub enum Event {
         recorded: String,
         current: String,
         by: String,
+    },
+    /// The plan's steps as the file had them (first run, and each accepted change).
+    PlanSnapshot {
+        checksum: String,
+        steps: Vec<StepSnapshot>,
     },
     Reconnected {
         after: Option<String>,

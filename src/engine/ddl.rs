@@ -134,7 +134,8 @@ pub async fn watch_blockers(
         let rows = c
             .query(
                 "SELECT a.pid, coalesce(a.backend_type, ''), left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 120),
-                        coalesce((SELECT string_agg(DISTINCT l.relation::regclass::text, ', ') FROM pg_locks l WHERE l.pid = $1 AND NOT l.granted AND l.relation IS NOT NULL), '')
+                        coalesce((SELECT string_agg(DISTINCT l.relation::regclass::text, ', ') FROM pg_locks l WHERE l.pid = $1 AND NOT l.granted AND l.relation IS NOT NULL), ''),
+                        coalesce(a.state, ''), extract(epoch FROM now() - coalesce(a.state_change, a.backend_start))::float8
                  FROM pg_stat_activity a WHERE a.pid = ANY (pg_blocking_pids($1))",
                 &[&pid],
             )
@@ -145,12 +146,24 @@ pub async fn watch_blockers(
             let btype: String = r.get(1);
             let query: String = r.get(2);
             let relation: String = r.get(3);
+            let state: String = r.get(4);
+            let age: Option<f64> = r.get(5);
+            // `idle in transaction for 4m12s`: what the blocker is doing, and for how long.
+            let doing = match (state.as_str(), age) {
+                ("", _) => String::new(),
+                (s, Some(secs)) if secs < 1.0 => format!(", {s} for under a second"),
+                (s, Some(secs)) => format!(
+                    ", {s} for {}",
+                    crate::duration::format(Duration::from_secs(secs as u64))
+                ),
+                (s, None) => format!(", {s}"),
+            };
             let who = if btype == "autovacuum worker" {
                 format!(
-                    "autovacuum (pid {bpid}): {query} — it yields only after deadlock_timeout; pgshift keeps retrying"
+                    "autovacuum (pid {bpid}{doing}): {query} — it yields only after deadlock_timeout; pgshift keeps retrying"
                 )
             } else {
-                format!("pid {bpid}: {query}")
+                format!("pid {bpid}{doing}: {query}")
             };
             cx.reporter
                 .lock_wait(&sx.step, &relation, attempt, sx.retries + 1, Some(&who));

@@ -13,13 +13,18 @@ use crate::exit::{Exit, ExitStatus};
 pub enum Error {
     #[error("another runner holds plan `{plan}`: {holder}")]
     LockHeld { plan: String, holder: String },
-    #[error(
-        "plan `{plan}` changed since it started: the control table recorded {recorded}, the file now has {current}. Review the change; if it is intended, rerun with --accept-changed"
-    )]
+    /// The plan file differs from the one the plan started from (or whose change was accepted).
+    #[error("{}", changed(plan, recorded, current, changes, ran, *accepting))]
     PlanChanged {
         plan: String,
         recorded: String,
         current: String,
+        /// What differs, step by step, each with a short diff (lines of the message).
+        changes: Vec<String>,
+        /// Steps that already ran and now do something else (or were removed).
+        ran: Vec<String>,
+        /// The operator gave `--accept-changed` (and it was refused: `ran` needs `--force`).
+        accepting: bool,
     },
     #[error("interrupted during step `{step}`; its progress is saved")]
     Cancelled { step: String },
@@ -95,6 +100,20 @@ pub enum Error {
         "step `{step}` failed: it has no rollback, so `pgshift rollback` stops here; the steps after it were rolled back. Undo it by hand if you must, then continue with a plan file that has its rollback and `pgshift rollback {plan} --accept-changed`"
     )]
     NoRollback { plan: String, step: String },
+    /// `rollback` undid what it could and stopped at a step that has no rollback.
+    #[error(
+        "rollback of plan `{plan}` stopped at step `{step}`: the plan gives it no rollback, so pgshift cannot undo it, and it stays applied with every step before it that ran. Undone: {}. Still applied: {}. To go further, undo `{step}` by hand, or write its `rollback:` into the plan file and run `pgshift rollback {plan} --accept-changed`; to apply the undone steps again instead, run `pgshift resume {plan}`",
+        names(undone),
+        names(kept)
+    )]
+    RollbackStopped {
+        plan: String,
+        step: String,
+        /// Rolled back by this run, latest first.
+        undone: Vec<String>,
+        /// Still applied: the step that stopped it, and those before it.
+        kept: Vec<String>,
+    },
     /// A `run` step (or `run:` rollback) failed, timed out, or could not start.
     #[error("step `{step}` failed: {message}")]
     Command { step: String, message: String },
@@ -116,6 +135,51 @@ pub enum Error {
     Db(#[from] db::Error),
 }
 
+/// `` `a`, `b` `` (or "none").
+fn names(list: &[String]) -> String {
+    if list.is_empty() {
+        return "none".into();
+    }
+    list.iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The message of [`Error::PlanChanged`]: what changed, and what the operator may do.
+fn changed(
+    plan: &str,
+    recorded: &str,
+    current: &str,
+    changes: &[String],
+    ran: &[String],
+    accepting: bool,
+) -> String {
+    let mut s = format!(
+        "plan `{plan}` changed since it started (the control table recorded {recorded}, the file has {current}):"
+    );
+    for line in changes {
+        s.push_str(&format!("\n  {line}"));
+    }
+    let names = ran
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if accepting {
+        s.push_str(&format!(
+            "\n--accept-changed is refused: {names} already ran with what the file said then; accepting would leave the database different from what the file now says, and resume does not run a step twice. If that is what you want, rerun with --accept-changed --force; otherwise restore the file, or roll the plan back first"
+        ));
+    } else if ran.is_empty() {
+        s.push_str("\nreview the change; if it is intended, rerun with --accept-changed");
+    } else {
+        s.push_str(&format!(
+            "\nreview the change: {names} already ran, so accepting it takes --accept-changed --force; otherwise restore the file"
+        ));
+    }
+    s
+}
+
 impl Error {
     /// The step the failure belongs to, if it belongs to one.
     pub fn step(&self) -> Option<&str> {
@@ -131,6 +195,7 @@ impl Error {
             | Error::VerifyFailed { step, .. }
             | Error::UnusableKey { step, .. }
             | Error::NoRollback { step, .. }
+            | Error::RollbackStopped { step, .. }
             | Error::Command { step, .. }
             | Error::Internal { step, .. } => Some(step),
             _ => None,
@@ -168,6 +233,7 @@ impl ExitStatus for Error {
             | Error::VerifyFailed { .. }
             | Error::UnusableKey { .. }
             | Error::NoRollback { .. }
+            | Error::RollbackStopped { .. }
             | Error::Command { .. }
             | Error::Hook { .. }
             | Error::Preflight { .. }

@@ -85,10 +85,38 @@ pub struct BackfillProgress {
     pub throttled: Option<String>,
 }
 
+/// A step (or its undo) begins: what the reporter needs to attribute what follows.
+#[derive(Debug, Clone)]
+pub struct StepStart<'a> {
+    pub plan: &'a str,
+    pub step: &'a str,
+    /// The line for the operator (`expand add_email_hash [sql]`, `rolling back …`).
+    pub text: &'a str,
+    /// Rows the step had done before this run (a resumed backfill), for its closing line.
+    pub rows_done: u64,
+}
+
+/// How a step the runner ran ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepEnd {
+    Done,
+    /// Interrupted by the operator or a lost connection; resumable.
+    Interrupted,
+    Failed,
+    /// A gate: the plan waits.
+    Waiting,
+}
+
 /// Where the library reports what it is doing; `cli.rs` draws it (indicatif or log lines).
 pub trait Reporter: Send + Sync {
-    /// A line for the operator (a step started, a gate passed, …).
+    /// A line for the operator (a gate passed, a retry, …).
     fn message(&self, text: &str);
+    /// A step begins; the lines until it ends belong to it.
+    fn step_started(&self, start: &StepStart<'_>) {
+        self.message(start.text);
+    }
+    /// The step that began last has ended.
+    fn step_ended(&self, _step: &str, _end: StepEnd) {}
     /// A statement waits for its lock: attempt `attempt` of `max`, who blocks it.
     fn lock_wait(&self, step: &str, relation: &str, attempt: u32, max: u32, blocker: Option<&str>);
     /// The lock wait is over (acquired or given up).
@@ -128,6 +156,8 @@ pub struct Options {
     pub yes: bool,
     /// Continue although the plan file changed (`resume --accept-changed`).
     pub accept_changed: bool,
+    /// With `accept_changed`: accept it even for steps that already ran (`--force`).
+    pub force_changed: bool,
     /// Pass gates on the operator's behalf (`pgshift demo` only).
     pub auto_gates: bool,
     pub backfill: BackfillOverrides,
@@ -140,6 +170,7 @@ impl Default for Options {
         Options {
             yes: false,
             accept_changed: false,
+            force_changed: false,
             auto_gates: false,
             backfill: BackfillOverrides::default(),
             reconnect_timeout: Duration::from_secs(60),

@@ -4,6 +4,7 @@
 //! in the control schema (`crate::control`).
 
 pub mod catalog;
+pub mod changed;
 pub mod finalize;
 pub mod hooks;
 pub mod lock;

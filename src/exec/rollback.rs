@@ -8,7 +8,7 @@ use super::lock::{Held, lock};
 use super::runner::step_cx;
 use crate::control::{Event, Status, StepRow};
 use crate::db;
-use crate::engine::{Context, Error, Outcome, whoami};
+use crate::engine::{Context, Error, Outcome, StepStart, whoami};
 use crate::plan::{Plan, Step};
 
 /// The steps `rollback` undoes, in the order it undoes them: those that
@@ -90,12 +90,8 @@ async fn rollback_locked(cx: &Context, plan: &Plan, held: &mut Held) -> Result<(
             plan.id
         )));
     };
-    if row.checksum != plan.checksum.0 && !cx.options.accept_changed {
-        return Err(Error::PlanChanged {
-            plan: plan.id.clone(),
-            recorded: row.checksum,
-            current: plan.checksum.0.clone(),
-        });
+    if row.checksum != plan.checksum.0 {
+        super::changed::check(cx, &held.conn, plan, &row.checksum).await?;
     }
     let runner = format!("{} pid {} (rollback)", whoami(), std::process::id());
     cx.control
@@ -124,12 +120,15 @@ async fn rollback_locked(cx: &Context, plan: &Plan, held: &mut Held) -> Result<(
     cx.control
         .event(&held.conn, &plan.id, None, &started)
         .await?;
-    for step in to_undo(plan, &rows) {
-        cx.reporter.message(&format!(
-            "rolling back {} [{}]",
-            step.name,
-            step.kind.name()
-        ));
+    let undo = to_undo(plan, &rows);
+    let mut undone: Vec<String> = Vec::new();
+    for (i, step) in undo.iter().enumerate() {
+        cx.reporter.step_started(&StepStart {
+            plan: &plan.id,
+            step: &step.name,
+            text: &format!("rolling back {} [{}]", step.name, step.kind.name()),
+            rows_done: 0,
+        });
         let previous = rows
             .get(&step.name)
             .map(|r| r.status)
@@ -137,7 +136,7 @@ async fn rollback_locked(cx: &Context, plan: &Plan, held: &mut Held) -> Result<(
         let sx = step_cx(cx, plan, step, previous);
         let (outcome, marked) = match step.kind.rollback(&sx, step.rollback.as_ref()).await {
             Ok(done) => done,
-            Err(e @ Error::NoRollback { .. }) => {
+            Err(Error::NoRollback { .. }) => {
                 cx.control
                     .event(
                         &held.conn,
@@ -146,7 +145,12 @@ async fn rollback_locked(cx: &Context, plan: &Plan, held: &mut Held) -> Result<(
                         &Event::RollbackBlocked {},
                     )
                     .await?;
-                return Err(e);
+                return Err(Error::RollbackStopped {
+                    plan: plan.id.clone(),
+                    step: step.name.clone(),
+                    undone,
+                    kept: undo[i..].iter().map(|s| s.name.clone()).collect(),
+                });
             }
             Err(e) => return Err(e),
         };
@@ -166,6 +170,7 @@ async fn rollback_locked(cx: &Context, plan: &Plan, held: &mut Held) -> Result<(
                 });
             }
         }
+        undone.push(step.name.clone());
     }
     cx.control
         .set_plan_status(&held.conn, &plan.id, Status::RolledBack)

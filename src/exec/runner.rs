@@ -11,7 +11,8 @@ use super::hooks::{self, Notice};
 use super::lock::{Held, lock, relock};
 use crate::control::{Event, PlanRecord, Status, StepRecord, StepRow};
 use crate::db;
-use crate::engine::{Context, Error, Outcome, StepCx, whoami};
+use crate::engine::{Context, Error, Outcome, StepCx, StepEnd, StepStart, whoami};
+use crate::exit::ExitStatus;
 use crate::plan::{Phase, Plan, Step};
 
 /// What the operator asked for.
@@ -170,33 +171,13 @@ async fn start(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> Result
         .control
         .register(&mut held.conn, &record(plan), &whoami())
         .await?;
-    if let Some(row) = &existing
-        && row.checksum != plan.checksum.0
-    {
-        if !cx.options.accept_changed {
-            return Err(Error::PlanChanged {
-                plan: plan.id.clone(),
-                recorded: row.checksum.clone(),
-                current: plan.checksum.0.clone(),
-            });
+    match &existing {
+        // The steps as the file has them: what a changed file is compared against.
+        None => super::changed::record(cx, &held.conn, plan).await?,
+        Some(row) if row.checksum != plan.checksum.0 => {
+            super::changed::check(cx, &held.conn, plan, &row.checksum).await?;
         }
-        cx.control
-            .set_checksum(&held.conn, &plan.id, &plan.checksum.0)
-            .await?;
-        let accepted = Event::PlanChangeAccepted {
-            recorded: row.checksum.clone(),
-            current: plan.checksum.0.clone(),
-            by: whoami(),
-        };
-        cx.control
-            .event(&held.conn, &plan.id, None, &accepted)
-            .await?;
-        cx.reporter.message(&format!(
-            "plan `{}` changed since it started ({} → {}); continuing as you asked",
-            plan.id,
-            short(&row.checksum),
-            plan.checksum.short()
-        ));
+        Some(_) => {}
     }
     Ok(existing.is_some())
 }
@@ -311,8 +292,7 @@ async fn finish_run(
     phase: Option<Phase>,
 ) -> Result<(), Error> {
     if mode == Mode::BackfillOnly {
-        cx.reporter
-            .message("backfill steps done; continue the plan with `pgshift resume`");
+        // The command line says what is left and how to continue.
         let _ = cx
             .control
             .set_plan_status(&held.conn, &plan.id, Status::Interrupted)
@@ -364,11 +344,6 @@ async fn enter_phase(
     Ok(())
 }
 
-fn short(checksum: &str) -> &str {
-    let hex = checksum.strip_prefix("sha256:").unwrap_or(checksum);
-    &hex[..hex.len().min(12)]
-}
-
 /// Runs one step and records how it ended.
 async fn run_step(
     cx: &Context,
@@ -389,12 +364,12 @@ async fn run_step(
         };
         sx.record(&**c, &started).await?;
     }
-    cx.reporter.message(&format!(
-        "{} {} [{}]",
-        step.phase,
-        step.name,
-        step.kind.name()
-    ));
+    cx.reporter.step_started(&StepStart {
+        plan: &plan.id,
+        step: &step.name,
+        text: &format!("{} {} [{}]", step.phase, step.name, step.kind.name()),
+        rows_done: row.map(|r| r.rows_done.max(0) as u64).unwrap_or(0),
+    });
     let by = if cx.options.auto_gates {
         "pgshift demo, on the operator's behalf"
     } else {
@@ -407,6 +382,16 @@ async fn run_step(
         .execute(&sx, pass_gate.then_some(by))
         .instrument(span)
         .await;
+    cx.reporter.step_ended(
+        &step.name,
+        match &outcome {
+            Ok(Outcome::Done) => StepEnd::Done,
+            Ok(Outcome::Gate(_)) => StepEnd::Waiting,
+            Ok(Outcome::Cancelled) => StepEnd::Interrupted,
+            Err(e) if e.exit() == crate::exit::Exit::Resumable => StepEnd::Interrupted,
+            Err(_) => StepEnd::Failed,
+        },
+    );
     let c = match db::get(&cx.pool, &cx.target).await {
         Ok(c) => c,
         Err(e) => {

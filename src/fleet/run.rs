@@ -677,6 +677,7 @@ fn context(
             auto_gates: false,
             backfill: exec::BackfillOverrides::default(),
             reconnect_timeout: opts.reconnect_timeout,
+            force_changed: false,
         },
     })
 }

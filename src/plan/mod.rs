@@ -11,6 +11,7 @@ pub mod checksum;
 pub mod defaults;
 pub mod diag;
 pub mod lint;
+pub mod locks;
 pub mod phase;
 pub mod raw;
 pub mod read;

@@ -53,7 +53,7 @@ fn batch_durations_ms(stderr_text: &str) -> Vec<f64> {
     stderr_text
         .lines()
         .filter_map(|l| serde_json::from_str::<Json>(l).ok())
-        .filter(|v| v["fields"]["message"] == "batch committed")
+        .filter(|v| v["message"] == "batch committed")
         .filter_map(|v| v["fields"]["ms"].as_f64())
         .collect()
 }

@@ -41,7 +41,7 @@ pub(super) fn check(body: &SqlBody) -> Vec<Finding> {
                         "{what} reads every row of `{table}` while this transaction still holds the ACCESS EXCLUSIVE lock taken by {by} (line {}): every query on `{table}` waits until the scan ends",
                         at.line
                     ),
-                    help: Some("put the scan in a step of its own: first `ADD CONSTRAINT … NOT VALID` (brief lock, no scan), then `VALIDATE CONSTRAINT` in the next step (scans under SHARE UPDATE EXCLUSIVE, which lets reads and writes go on)".into()),
+                    help: Some(help(what).into()),
                 });
             }
         };
@@ -139,4 +139,33 @@ pub(super) fn check(body: &SqlBody) -> Vec<Finding> {
         }
     }
     out
+}
+
+/// What to do instead, for the kind of scan found.
+fn help(what: &str) -> &'static str {
+    if what == "`CREATE INDEX`" {
+        "build the index in a step of its own with `CREATE INDEX CONCURRENTLY` (it runs outside any transaction, under SHARE UPDATE EXCLUSIVE, so reads and writes go on)"
+    } else {
+        "put the scan in a step of its own: first `ADD CONSTRAINT … NOT VALID` (brief lock, no scan), then `VALIDATE CONSTRAINT` in the next step (scans under SHARE UPDATE EXCLUSIVE, which lets reads and writes go on)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// An index built under the lock is told to build concurrently, not to use NOT VALID.
+    #[test]
+    fn an_index_under_the_lock_is_told_to_build_concurrently() {
+        let yaml = "phases:\n  expand:\n    - name: s\n      sql: |\n        ALTER TABLE t ADD COLUMN c int;\n        CREATE INDEX i ON t (c);\n      rollback: ALTER TABLE t DROP COLUMN c\n";
+        let e = crate::plan::validate::validate(Path::new("t.yaml"), yaml).unwrap_err();
+        let d = e
+            .diagnostics()
+            .into_iter()
+            .find(|d| d.rule == "scan-under-exclusive-lock")
+            .expect("the finding");
+        let help = d.help.unwrap_or_default();
+        assert!(help.contains("CREATE INDEX CONCURRENTLY"), "{help}");
+        assert!(!help.contains("NOT VALID"), "{help}");
+    }
 }
