@@ -713,15 +713,35 @@ async fn a_lock_timeout_retries_the_batch_smaller() {
     items(&db, 2000).await;
     let p = plan("table: items\nset: n = n + 1\nbatch_size: 400");
     register(&db, &p).await;
-    // Another session holds row 10 for a second: the first batch hits lock_timeout (200ms).
+    // Another session holds row 10 until the first batch has hit lock_timeout
+    // (200ms) and been retried smaller.
     let locker = connect(&db.url).await;
     locker
         .batch_execute("BEGIN; SELECT * FROM items WHERE id = 10 FOR UPDATE")
         .await
         .unwrap();
-    let release = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        locker.batch_execute("COMMIT").await.unwrap();
+    let release = tokio::spawn({
+        let watcher = connect(&db.url).await;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let has_control = "SELECT to_regclass('pgshift.events') IS NOT NULL";
+            let counted = "SELECT EXISTS (SELECT FROM pgshift.events WHERE event = 'batch_retry')";
+            loop {
+                let control: bool = watcher.query_one(has_control, &[]).await.unwrap().get(0);
+                if control
+                    && watcher
+                        .query_one(counted, &[])
+                        .await
+                        .unwrap()
+                        .get::<_, bool>(0)
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no batch_retry in 30 s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            locker.batch_execute("COMMIT").await.unwrap();
+        }
     });
     let r = run_to_end(&db, &p).await;
     release.await.unwrap();

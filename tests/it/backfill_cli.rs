@@ -175,6 +175,19 @@ async fn throttle_command_validates_and_records_its_change() {
     );
 }
 
+/// The backfill's committed rows, 0 before the control schema exists.
+async fn rows_done(db: &TestDb) -> i64 {
+    let has_control = db
+        .scalar_i64("SELECT (to_regclass('pgshift.steps') IS NOT NULL)::int::bigint")
+        .await
+        == 1;
+    if !has_control {
+        return 0;
+    }
+    db.scalar_i64("SELECT coalesce((SELECT rows_done FROM pgshift.steps WHERE name = 'fill_h'), 0)")
+        .await
+}
+
 /// Kill -9 the runner at random batches, 20 times, resuming after each: every row
 /// ends correct and was updated exactly once (a counter trigger proves it).
 #[tokio::test]
@@ -229,27 +242,29 @@ async fn kill_9_at_random_batches_then_resume_updates_each_row_once() {
         };
         let mut child = spawn(&db, &args);
         first = false;
-        // Let it run for a random 30–250 ms of batches, then kill it without warning.
-        tokio::time::sleep(Duration::from_millis(30 + next() % 220)).await;
+        // Wait for this run to commit a batch of its own, then let it go on for
+        // a random 0–100 ms and kill it without warning: every kill lands in
+        // the backfill, however fast the machine. The plan's 25 ms sleep after
+        // each of its 200 batches keeps the backfill longer than 20 such runs.
+        let progressed = loop {
+            if child.try_wait().unwrap().is_some() {
+                break false;
+            }
+            if rows_done(&db).await > last_done.max(0) {
+                break true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if progressed {
+            tokio::time::sleep(Duration::from_millis(next() % 100)).await;
+        }
         if child.try_wait().unwrap().is_some() {
             break;
         }
         let _ = child.kill();
         let _ = child.wait();
         kills += 1;
-        // A kill may land before the first run created the control schema.
-        let has_control = db
-            .scalar_i64("SELECT (to_regclass('pgshift.steps') IS NOT NULL)::int::bigint")
-            .await
-            == 1;
-        let done = if has_control {
-            db.scalar_i64(
-                "SELECT coalesce((SELECT rows_done FROM pgshift.steps WHERE name = 'fill_h'), 0)",
-            )
-            .await
-        } else {
-            0
-        };
+        let done = rows_done(&db).await;
         assert!(
             done >= last_done,
             "rows_done went backwards: {last_done} -> {done}"

@@ -507,7 +507,19 @@ phases:
     });
 
     let child = spawn(&db, &["plan", "apply", plan.to_str().unwrap()]);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Wait for the runner to have given up on the lock three times.
+    wait_until(
+        &db,
+        "SELECT to_regclass('pgshift.events') IS NOT NULL",
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_until(
+        &db,
+        "SELECT count(*) >= 3 FROM pgshift.events WHERE event = 'retry'",
+        Duration::from_secs(30),
+    )
+    .await;
     // Still waiting: the column is not there yet.
     let added = db
         .scalar_i64("SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = 'w'")
@@ -522,7 +534,6 @@ phases:
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
     let (max, n) = app.await.unwrap();
     expect_code(&o, 0, "apply behind a blocker");

@@ -29,6 +29,7 @@ pub(crate) struct Stats {
 /// its own. `{id}` in a statement is a random id among the rows it may change.
 pub(crate) struct App {
     stop: Arc<AtomicBool>,
+    ran: Arc<std::sync::atomic::AtomicU64>,
     handle: tokio::task::JoinHandle<Stats>,
 }
 
@@ -38,6 +39,8 @@ impl App {
         let stop = Arc::new(AtomicBool::new(false));
         let statements: Vec<String> = statements.iter().map(|s| s.to_string()).collect();
         let flag = stop.clone();
+        let ran = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = ran.clone();
         let handle = tokio::spawn(async move {
             let mut stats = Stats::default();
             let mut n: u64 = 0x2545_F491_4F6C_DD1D;
@@ -53,6 +56,7 @@ impl App {
                     let took = t.elapsed();
                     stats.worst = stats.worst.max(took);
                     stats.statements += 1;
+                    count.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = r {
                         if stats.errors.len() < 5 {
                             stats.errors.push(format!("{sql}: {e:?}"));
@@ -65,7 +69,22 @@ impl App {
             }
             stats
         });
-        App { stop, handle }
+        App { stop, ran, handle }
+    }
+
+    /// Waits until this version has run `n` more statements: side by side
+    /// means each did real work, however fast or slow the machine is.
+    pub(crate) async fn runs(&self, n: u64) {
+        let from = self.ran.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.ran.load(Ordering::Relaxed) < from + n {
+            assert!(
+                Instant::now() < deadline && !self.handle.is_finished(),
+                "the application ran {} of {n} statements in 60 s",
+                self.ran.load(Ordering::Relaxed) - from
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     pub(crate) async fn stop(self) -> Stats {
@@ -178,7 +197,8 @@ pub(crate) async fn lifecycle(case: &Case) {
     if case.gate {
         let old = App::start(&db.url, case.old, MUTABLE).await;
         let new = App::start(&db.url, case.new, MUTABLE).await;
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        old.runs(100).await;
+        new.runs(100).await;
         check(&new.stop().await, "at the gate: new version");
         check(&old.stop().await, "at the gate: old version");
     }
@@ -201,7 +221,8 @@ pub(crate) async fn lifecycle(case: &Case) {
     if case.gate {
         let old = App::start(&db.url, case.old, MUTABLE).await;
         let new = App::start(&db.url, case.new, MUTABLE).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        old.runs(50).await;
+        new.runs(50).await;
         check(&old.stop().await, "at the gate again: old version");
         let o = pgshift_bg(&db, &["--progress", "never", "--yes", "resume", &id]).await;
         check(&new.stop().await, "contract: new version");

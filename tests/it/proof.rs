@@ -140,6 +140,20 @@ struct Shared {
 }
 
 impl Shared {
+    /// Waits until the writers have made `n` more writes, so that "the
+    /// application kept working meanwhile" holds however fast the machine is.
+    async fn writes(&self, n: u64) {
+        let from = self.counter.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.counter.load(Ordering::SeqCst) < from + n {
+            assert!(
+                Instant::now() < deadline,
+                "the writers made fewer than {n} writes in 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn stripe(&self, id: i64) -> &AsyncMutex<()> {
         &self.stripes[(id as usize) % self.stripes.len()]
     }
@@ -330,7 +344,7 @@ async fn proof_rename_under_load_loses_no_write_and_stalls_no_query() {
         }
     });
     // Let the workload reach its pace before the plan starts.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    sh.writes(100).await;
 
     let (o, apply_time) = pgshift_async(
         &db,
@@ -357,7 +371,7 @@ async fn proof_rename_under_load_loses_no_write_and_stalls_no_query() {
         NEW_WRITERS,
         "the new version never started"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sh.writes(100).await;
     assert_eq!(
         db.scalar_i64(
             "SELECT count(*) FROM customers WHERE display_name IS DISTINCT FROM fullname"
@@ -377,8 +391,8 @@ async fn proof_rename_under_load_loses_no_write_and_stalls_no_query() {
     let (o, resume_time) =
         pgshift_async(&db, &["--progress", "never", "--yes", "resume", RENAME_ID]).await;
     expect_code(&o, 0, "resume runs the contract");
-    // The new version keeps running on the contracted table for a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The new version keeps running on the contracted table for a while.
+    sh.writes(50).await;
     sh.stop_all.store(true, Ordering::SeqCst);
     for (k, h) in others {
         logs.push((k, h.await.unwrap()));
