@@ -69,6 +69,72 @@ pub fn validate_with(path: &Path, text: &str, catalog: Option<&Catalog>) -> Resu
 }
 
 fn plan(r: &mut Reader, path: &Path, text: &str, catalog: Option<&Catalog>) -> Option<Plan> {
+    let root = root(r, text)?;
+    let top = top_level(r, &root);
+    let id = plan_id(r, top.id, top.id_pos, path);
+    let expansion = ops::expand(&id, &top.changes, catalog, has_gate(&top.written));
+    for (pos, finding) in &expansion.refused {
+        r.step = None;
+        r.error(
+            *pos,
+            "operation",
+            finding.clone(),
+            Some(
+                "change the operation as the message says, or write its steps by hand in `phases:`"
+                    .into(),
+            ),
+        );
+    }
+    // Generated steps first in each phase, then the hand-written ones.
+    let mut merged: PhaseNodes = BTreeMap::new();
+    for g in &expansion.steps {
+        merged
+            .entry(g.phase)
+            .or_default()
+            .push(ops::to_node(g, g.pos));
+    }
+    for (phase, nodes) in top.written {
+        merged.entry(phase).or_default().extend(nodes);
+    }
+    let generated: Vec<&str> = expansion.steps.iter().map(|g| g.name.as_str()).collect();
+    let mut steps: Vec<Step> = Vec::new();
+    for (phase, nodes) in &merged {
+        for node in nodes {
+            if let Some(mut step) = step(r, node, *phase, &top.settings, steps.len()) {
+                step.generated = generated.contains(&step.name.as_str());
+                steps.push(step);
+            }
+        }
+    }
+    if steps.is_empty() && expansion.pending.is_empty() && !r.has_errors() {
+        r.error(
+            root.pos,
+            "empty",
+            "the plan has no steps",
+            Some("add at least one step under a phase, or an operation under `changes`".into()),
+        );
+    }
+    check_names(r, &steps);
+    resolve_drop_triggers(r, &mut steps);
+    let expanded = expanded_tree(&root, &merged);
+    Some(Plan {
+        id,
+        description: top.description,
+        file: path.to_path_buf(),
+        checksum: checksum::Checksum::of(text),
+        settings: top.settings,
+        hooks: top.hooks,
+        steps,
+        notes: Vec::new(),
+        changes: top.changes,
+        pending: expansion.pending,
+        text: text.to_string(),
+        expanded,
+    })
+}
+
+/// The YAML tree of the file, or why there is none.
+fn root(r: &mut Reader, text: &str) -> Option<Node> {
     let root = match raw::parse(text) {
         Ok(n) => n,
         Err(e) => {
@@ -91,17 +157,34 @@ fn plan(r: &mut Reader, path: &Path, text: &str, catalog: Option<&Catalog>) -> O
         );
         return None;
     }
-    let mut id = None;
-    let mut id_pos = Pos { line: 1, col: 1 };
-    let mut description = None;
-    let mut settings = Settings::default();
-    let mut hooks = Hooks::default();
-    let mut written: PhaseNodes = BTreeMap::new();
-    let mut changes = Vec::new();
+    Some(root)
+}
+
+/// The top-level keys of a plan, read.
+struct Top {
+    id: Option<String>,
+    id_pos: Pos,
+    description: Option<String>,
+    settings: Settings,
+    hooks: Hooks,
+    written: PhaseNodes,
+    changes: Vec<ops::Change>,
+}
+
+fn top_level(r: &mut Reader, root: &Node) -> Top {
+    let mut top = Top {
+        id: None,
+        id_pos: Pos { line: 1, col: 1 },
+        description: None,
+        settings: Settings::default(),
+        hooks: Hooks::default(),
+        written: BTreeMap::new(),
+        changes: Vec::new(),
+    };
     let mut saw_phases = false;
     let mut saw_changes = false;
-    let top = r.entries(
-        &root,
+    let entries = r.entries(
+        root,
         "the plan",
         &[
             "id",
@@ -113,27 +196,27 @@ fn plan(r: &mut Reader, path: &Path, text: &str, catalog: Option<&Catalog>) -> O
         ],
     );
     // Settings first: steps inherit them wherever `settings` is written.
-    let ordered = top
+    let ordered = entries
         .iter()
         .filter(|e| e.0 == "settings")
-        .chain(top.iter().filter(|e| e.0 != "settings"));
+        .chain(entries.iter().filter(|e| e.0 != "settings"));
     for (key, _, val) in ordered {
         let val = *val;
         match key.as_str() {
             "id" => {
-                id_pos = val.pos;
-                id = r.string(val, "id");
+                top.id_pos = val.pos;
+                top.id = r.string(val, "id");
             }
-            "description" => description = r.string(val, "description"),
-            "settings" => read_settings(r, val, &mut settings),
-            "hooks" => hooks = read_hooks(r, val),
+            "description" => top.description = r.string(val, "description"),
+            "settings" => read_settings(r, val, &mut top.settings),
+            "hooks" => top.hooks = read_hooks(r, val),
             "changes" => {
                 saw_changes = true;
-                changes = ops::parse(r, val);
+                top.changes = ops::parse(r, val);
             }
             "phases" => {
                 saw_phases = true;
-                written = phase_nodes(r, val);
+                top.written = phase_nodes(r, val);
             }
             _ => {}
         }
@@ -148,6 +231,11 @@ fn plan(r: &mut Reader, path: &Path, text: &str, catalog: Option<&Catalog>) -> O
             ),
         );
     }
+    top
+}
+
+/// The plan's id: `id:`, else the file's name; an error when it is not one.
+fn plan_id(r: &mut Reader, id: Option<String>, pos: Pos, path: &Path) -> String {
     let id = match id {
         Some(id) => id,
         None => path
@@ -157,67 +245,9 @@ fn plan(r: &mut Reader, path: &Path, text: &str, catalog: Option<&Catalog>) -> O
     };
     if !is_plan_id(&id) {
         r.step = None;
-        r.error(id_pos, "id", format!("plan id `{id}` is not valid"), Some("an id has 1–63 characters: letters, digits, `_`, `-`, `.`; set `id:` in the file when the file name is not one".into()));
+        r.error(pos, "id", format!("plan id `{id}` is not valid"), Some("an id has 1–63 characters: letters, digits, `_`, `-`, `.`; set `id:` in the file when the file name is not one".into()));
     }
-    let expansion = ops::expand(&id, &changes, catalog, has_gate(&written));
-    for (pos, finding) in &expansion.refused {
-        r.step = None;
-        r.error(
-            *pos,
-            "operation",
-            finding.clone(),
-            Some(
-                "change the operation as the message says, or write its steps by hand in `phases:`"
-                    .into(),
-            ),
-        );
-    }
-    // Generated steps first in each phase, then the hand-written ones.
-    let mut merged: PhaseNodes = BTreeMap::new();
-    for g in &expansion.steps {
-        merged
-            .entry(g.phase)
-            .or_default()
-            .push(ops::to_node(g, g.pos));
-    }
-    for (phase, nodes) in written {
-        merged.entry(phase).or_default().extend(nodes);
-    }
-    let generated: Vec<&str> = expansion.steps.iter().map(|g| g.name.as_str()).collect();
-    let mut steps: Vec<Step> = Vec::new();
-    for (phase, nodes) in &merged {
-        for node in nodes {
-            if let Some(mut step) = step(r, node, *phase, &settings, steps.len()) {
-                step.generated = generated.contains(&step.name.as_str());
-                steps.push(step);
-            }
-        }
-    }
-    if steps.is_empty() && expansion.pending.is_empty() && !r.has_errors() {
-        r.error(
-            root.pos,
-            "empty",
-            "the plan has no steps",
-            Some("add at least one step under a phase, or an operation under `changes`".into()),
-        );
-    }
-    check_names(r, &steps);
-    resolve_drop_triggers(r, &mut steps);
-    let expanded = expanded_tree(&root, &merged);
-    Some(Plan {
-        id,
-        description,
-        file: path.to_path_buf(),
-        checksum: checksum::Checksum::of(text),
-        settings,
-        hooks,
-        steps,
-        notes: Vec::new(),
-        changes,
-        pending: expansion.pending,
-        text: text.to_string(),
-        expanded,
-    })
+    id
 }
 
 /// The steps of each phase, as nodes of the YAML tree.
