@@ -503,7 +503,8 @@ impl<'a> Gen<'a> {
         }
     }
 
-    /// The name of a dual-write trigger step of this operation, for `drop_trigger`.
+    /// What the new application version must do before the contract phase:
+    /// one clause of the generated gate's message.
     pub fn requires(&mut self, what: impl Into<String>) {
         self.deploy.push(what.into());
     }
