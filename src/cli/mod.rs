@@ -128,16 +128,27 @@ fn run(cli: Cli) -> Exit {
             max_rows_per_sec,
             pause,
             unpause,
+            clear,
+            max_slot_lag,
+            slots,
+            ignore_inactive_slots,
+            max_wal_rate,
+            pause_on_autovacuum,
         } => {
             let patch = Overrides {
                 batch_size,
                 sleep_ms: sleep.map(|s| s.as_millis() as u64),
                 max_rows_per_sec,
                 paused: (pause || unpause).then_some(pause),
+                max_slot_lag,
+                slots,
+                ignore_inactive_slots,
+                max_wal_rate,
+                pause_on_autovacuum,
             };
             with_runtime(
                 &g,
-                move |cx| async move { throttle(&cx, &plan, step.as_deref(), &patch).await },
+                move |cx| async move { throttle(&cx, &plan, step.as_deref(), &patch, clear).await },
                 minute,
                 none(),
                 false,
@@ -426,15 +437,47 @@ async fn record_overrides(cx: &exec::Context, plan: &Plan) -> Result<(), exec::E
     cx.control
         .event(&c, &plan.id, o.step.as_deref(), &given)
         .await?;
+    // The newer instruction wins: a flag given now replaces a live override of the
+    // same setting that an earlier `pgshift throttle` stored (and says so). A
+    // `throttle` during this run replaces the flag in turn.
+    let cli = Overrides {
+        batch_size: o.batch_size,
+        sleep_ms: o.sleep.map(|d| d.as_millis() as u64),
+        max_rows_per_sec: o.max_rows_per_sec,
+        ..Overrides::default()
+    };
+    let before = cx
+        .control
+        .replace_overrides(&c, &plan.id, o.step.as_deref(), |old| old.without(&cli).0)
+        .await?;
+    for (step, old) in before {
+        let replaced = old.without(&cli).1;
+        if replaced.is_empty() {
+            continue;
+        }
+        cx.reporter.message(&format!(
+            "step `{step}`: your flags replace the live override(s) set earlier with `pgshift throttle`: {}",
+            replaced.describe()
+        ));
+        let superseded = Event::OverridesSuperseded {
+            replaced,
+            by: engine::whoami(),
+        };
+        cx.control
+            .event(&c, &plan.id, Some(&step), &superseded)
+            .await?;
+    }
     Ok(())
 }
 
-/// `throttle PLAN`: stores a patch of live overrides for the plan's backfill steps.
+/// `throttle PLAN`: stores a patch of live overrides for the plan's backfill steps
+/// (after removing every stored one, with `--clear`).
 async fn throttle(
     cx: &exec::Context,
     plan: &str,
     step: Option<&str>,
     patch: &Overrides,
+    clear: bool,
 ) -> Result<Exit, exec::Error> {
     if let Some(b) = patch.batch_size
         && (b == 0 || b > plan::defaults::BATCH_SIZE_LIMIT)
@@ -444,8 +487,8 @@ async fn throttle(
             plan::defaults::BATCH_SIZE_LIMIT
         )));
     }
-    if patch.is_empty() {
-        return Err(exec::Error::Usage("nothing to change: give --batch-size, --sleep, --max-rows-per-sec, --pause or --unpause".into()));
+    if patch.is_empty() && !clear {
+        return Err(exec::Error::Usage("nothing to change: give --batch-size, --sleep, --max-rows-per-sec, --max-slot-lag, --slots, --ignore-inactive-slots, --max-wal-rate, --pause-on-autovacuum, --pause, --unpause or --clear".into()));
     }
     let c = db::connect(&cx.target).await?;
     if !cx.control.exists(&c).await? || cx.control.plan_row(&c, plan).await?.is_none() {
@@ -454,22 +497,49 @@ async fn throttle(
             cx.control.schema
         )));
     }
-    let n = cx.control.merge_overrides(&c, plan, step, patch).await?;
+    if clear {
+        let before = cx
+            .control
+            .replace_overrides(&c, plan, step, |_| Overrides::default())
+            .await?;
+        for (name, old) in before.into_iter().filter(|(_, o)| !o.is_empty()) {
+            println!("cleared on `{name}`: {}", old.describe());
+            let cleared = Event::OverridesCleared {
+                cleared: old,
+                by: engine::whoami(),
+            };
+            cx.control.event(&c, plan, Some(&name), &cleared).await?;
+        }
+    }
+    let n = if patch.is_empty() {
+        cx.control
+            .replace_overrides(&c, plan, step, Overrides::clone)
+            .await?
+            .len() as u64
+    } else {
+        cx.control.merge_overrides(&c, plan, step, patch).await?
+    };
     if n == 0 {
         return Err(exec::Error::Usage(format!(
             "plan `{plan}` has no backfill step{}",
             step.map(|s| format!(" named `{s}`")).unwrap_or_default()
         )));
     }
-    let set = Event::OverrideSet {
-        set: patch.clone(),
-        by: engine::whoami(),
-    };
-    cx.control.event(&c, plan, step, &set).await?;
-    println!(
-        "set {} on {n} backfill step(s) of `{plan}`; a running backfill applies it at its next batch",
-        patch.to_json()
-    );
+    if !patch.is_empty() {
+        let set = Event::OverrideSet {
+            set: patch.clone(),
+            by: engine::whoami(),
+        };
+        cx.control.event(&c, plan, step, &set).await?;
+        println!(
+            "set {} on {n} backfill step(s) of `{plan}`; a running backfill applies it at its next batch",
+            patch.describe()
+        );
+    } else {
+        println!(
+            "no live overrides left on {n} backfill step(s) of `{plan}`: the plan's throttles (and the flags of the `pgshift backfill` running it) apply from its next batch"
+        );
+    }
     Ok(Exit::Ok)
 }
 
@@ -503,7 +573,9 @@ fn finish(plan: &str, r: Result<(), exec::Error>) -> Result<Exit, exec::Error> {
         Err(e) => {
             let code = report_error(&e);
             let next = match &e {
-                exec::Error::Cancelled { .. } | exec::Error::ConnectionLost { .. } => {
+                exec::Error::Cancelled { .. }
+                | exec::Error::ConnectionLost { .. }
+                | exec::Error::LockLost { .. } => {
                     format!("continue with: pgshift resume {plan}")
                 }
                 e if e.is_step_failure() => format!(

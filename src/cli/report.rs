@@ -58,13 +58,10 @@ impl Terminal {
 
 fn rate_line(p: &BackfillProgress) -> String {
     let total = p.rows_total.map(|t| format!("/~{t}")).unwrap_or_default();
-    let eta = match p.rows_total {
-        Some(t) if p.rows_per_sec > 0.0 && t > p.rows_done => format!(
-            ", ETA {}s",
-            ((t - p.rows_done) as f64 / p.rows_per_sec).round() as u64
-        ),
-        _ => String::new(),
-    };
+    let eta = p
+        .eta
+        .map(|e| format!(", ETA {}", crate::duration::human(e)))
+        .unwrap_or_default();
     let throttled = p
         .throttled
         .as_deref()
@@ -148,13 +145,10 @@ impl Reporter for Terminal {
                     bar.set_length(t.max(p.rows_done));
                 }
                 bar.set_position(p.rows_done);
-                let eta = match p.rows_total {
-                    Some(t) if p.rows_per_sec > 0.0 && t > p.rows_done => format!(
-                        " ETA {}s",
-                        ((t - p.rows_done) as f64 / p.rows_per_sec).round() as u64
-                    ),
-                    _ => String::new(),
-                };
+                let eta = p
+                    .eta
+                    .map(|e| format!(" ETA {}", crate::duration::human(e)))
+                    .unwrap_or_default();
                 let thr = p
                     .throttled
                     .as_deref()

@@ -104,7 +104,31 @@ pub async fn print(
     Ok(Exit::Ok)
 }
 
+/// A running backfill's own report: current rate, ETA, batch size, and why it is throttled.
+fn live_line(l: &crate::control::LiveProgress) -> String {
+    let mut out = format!("{:.0} rows/s, batch {}", l.rows_per_sec, l.batch_size);
+    if let Some(e) = l.eta_secs {
+        out.push_str(&format!(
+            ", ETA {}",
+            crate::duration::human(std::time::Duration::from_secs(e))
+        ));
+    }
+    match (&l.throttled, l.held) {
+        (Some(t), true) => out.push_str(&format!(", held: {t}")),
+        (Some(t), false) => out.push_str(&format!(", throttled: {t}")),
+        _ => {}
+    }
+    out
+}
+
 fn rate(s: &StepRow) -> Option<f64> {
+    // A running backfill reports its rate over the last seconds; the average since
+    // the start is wrong for a run that was paused or throttled.
+    if s.status == Status::Running
+        && let Some(l) = &s.progress
+    {
+        return Some(l.rows_per_sec);
+    }
     match s.duration_secs {
         Some(d) if d > 0.0 && s.rows_done > 0 => Some(s.rows_done as f64 / d),
         _ => None,
@@ -173,8 +197,15 @@ fn print_plan(p: &PlanRow, steps: &[StepRow], alive: bool) {
                 println!("        {l}");
             }
         }
+        if let Some(live) = s.progress.as_ref().filter(|_| s.status == Status::Running) {
+            println!("      now: {}", live_line(live));
+        }
         if !s.overrides.is_empty() {
-            println!("      operator overrides: {}", s.overrides.to_json());
+            println!(
+                "      live overrides (pgshift throttle; they win over the plan and earlier flags): {}; clear with `pgshift throttle {} --clear`",
+                s.overrides.describe(),
+                p.id
+            );
         }
     }
     println!("\nnext: {}", next_command(p, steps, alive));
@@ -264,6 +295,7 @@ fn plan_json(p: &PlanRow, steps: &[StepRow], events: Option<&[EventRow]>, alive:
             "last_sqlstate": s.last_sqlstate,
             "checkpoint": s.checkpoint,
             "overrides": s.overrides,
+            "progress": s.progress,
         })).collect::<Vec<_>>(),
     });
     if let Some(evs) = events {
