@@ -461,7 +461,13 @@ async fn run_step(
 }
 
 /// Records a step that failed (or was cut off) with its error and SQLSTATE.
+///
+/// Not when the runner lost the plan's lock: the step may already belong to the
+/// runner that took the plan over, and this one must write nothing more about it.
 async fn failed(sx: &StepCx, c: &impl tokio_postgres::GenericClient, e: &Error) {
+    if matches!(e, Error::LockLost { .. }) {
+        return;
+    }
     let (msg, state) = match e {
         Error::Database { source, .. } | Error::ConnectionLost { source, .. } => {
             (source.to_string(), source.sqlstate().map(str::to_string))

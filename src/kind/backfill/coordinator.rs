@@ -188,7 +188,10 @@ impl Coordinator {
             hold: hold.clone(),
             slot: sample.slot,
         });
-        self.record_changes(ov, hold).await;
+        // A worker held between two samples (its own projection of a slot's lag, or a
+        // stale sample): the log and `status` say so too, though the gate does not.
+        let episode = sh.episode.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.record_changes(ov, hold.or(episode)).await;
     }
 
     /// Logs the overrides once when they change, and the hold and release of the backfill.
@@ -227,7 +230,7 @@ impl Coordinator {
             }
         }
         self.held = hold.clone();
-        if let Some(why) = hold {
+        if let Some(why) = hold.filter(|_| self.tx.borrow().hold.is_some()) {
             sh.report(0, sh.batch_size.load(Ordering::Relaxed), Some(why), true);
         }
         if let Some(c) = self.conn.as_ref() {
@@ -301,8 +304,8 @@ impl Coordinator {
             }
         }
         if let Some(ov) = ov {
-            let hold = self.held.clone();
-            self.record_changes(ov, hold).await;
+            // The run is over: nothing holds it any more.
+            self.record_changes(ov, None).await;
         }
     }
 }

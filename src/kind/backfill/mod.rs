@@ -151,6 +151,7 @@ pub async fn run(sx: &StepCx, spec: &BackfillSpec) -> Result<Outcome, Error> {
         figures: Mutex::new(Figures::default()),
         started: (Instant::now(), rows_at_start),
         slowed: Mutex::new(None),
+        episode: Mutex::new(None),
         gate: rx,
     });
     let coordinator = Coordinator::start(shared.clone(), tx).await;

@@ -128,8 +128,9 @@ pub struct Sizer {
     target: Option<Duration>,
     /// Smoothed seconds per row of recent batches.
     per_row: Option<f64>,
-    /// An operator set the size live: adaptation stops until the override is removed.
-    pinned: bool,
+    /// An operator set the size live (adaptation stops until the override is
+    /// removed): the size in use before.
+    before_pin: Option<u32>,
 }
 
 /// Weight of the newest batch in the moving average of time per row.
@@ -148,7 +149,7 @@ impl Sizer {
             max,
             target,
             per_row: None,
-            pinned: false,
+            before_pin: None,
         }
     }
 
@@ -157,14 +158,21 @@ impl Sizer {
         self.size
     }
 
-    /// An operator's size (`pgshift throttle --batch-size`); `None` lifts the pin.
+    /// An operator's size (`pgshift throttle --batch-size`); `None` lifts the pin
+    /// and returns to the size in use before it (the plan's, or where adaptation was).
     pub fn pin(&mut self, size: Option<u32>) {
         match size {
             Some(n) => {
+                if self.before_pin.is_none() {
+                    self.before_pin = Some(self.size);
+                }
                 self.size = n.max(1);
-                self.pinned = true;
             }
-            None => self.pinned = false,
+            None => {
+                if let Some(s) = self.before_pin.take() {
+                    self.size = s;
+                }
+            }
         }
     }
 
@@ -181,7 +189,7 @@ impl Sizer {
             None => sample,
         };
         self.per_row = Some(per_row);
-        if self.pinned || per_row <= 0.0 {
+        if self.before_pin.is_some() || per_row <= 0.0 {
             return;
         }
         let ideal = target.as_secs_f64() / per_row;
@@ -193,7 +201,11 @@ impl Sizer {
     /// A batch hit a timeout: halve the size (not below the minimum, nor below 1 when pinned).
     /// Returns false when it cannot get any smaller.
     pub fn shrink(&mut self) -> bool {
-        let floor = if self.pinned { 1 } else { self.min };
+        let floor = if self.before_pin.is_some() {
+            1
+        } else {
+            self.min
+        };
         let next = (self.size / 2).max(floor);
         let shrunk = next < self.size;
         self.size = next;
@@ -282,6 +294,10 @@ mod tests {
         p.pin(Some(700));
         p.observe(700, Duration::from_secs(5));
         assert_eq!(p.size(), 700);
+        // Lifting the pin returns to the size in use before it.
+        p.pin(Some(300));
+        p.pin(None);
+        assert_eq!(p.size(), 1000);
     }
 
     #[test]
