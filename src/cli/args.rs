@@ -140,7 +140,7 @@ pub enum Command {
         max_slot_lag: Option<u64>,
         /// The slots --max-slot-lag watches (`a,b`; `all`: every logical slot).
         #[arg(long, value_parser = parse_slots, value_name = "NAMES|all")]
-        slots: Option<Vec<String>>,
+        slots: Option<SlotList>,
         /// Whether a slot with no consumer connected may hold the backfill.
         #[arg(long, value_parser = parse_on_off, value_name = "on|off")]
         ignore_inactive_slots: Option<bool>,
@@ -195,10 +195,14 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
+/// Replication slot names given as one value (`a,b`); empty: every logical slot.
+#[derive(Debug, Clone)]
+pub struct SlotList(pub Vec<String>);
+
 /// `a,b` (replication slot names), or `all` (empty: every logical slot).
-fn parse_slots(s: &str) -> Result<Vec<String>, String> {
+fn parse_slots(s: &str) -> Result<SlotList, String> {
     if s.trim() == "all" {
-        return Ok(Vec::new());
+        return Ok(SlotList(Vec::new()));
     }
     s.split(',')
         .map(|n| {
@@ -211,7 +215,8 @@ fn parse_slots(s: &str) -> Result<Vec<String>, String> {
                 ))
             }
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .map(SlotList)
 }
 
 #[derive(Debug, Subcommand)]

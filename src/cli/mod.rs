@@ -141,7 +141,7 @@ fn run(cli: Cli) -> Exit {
                 max_rows_per_sec,
                 paused: (pause || unpause).then_some(pause),
                 max_slot_lag,
-                slots,
+                slots: slots.map(|s| s.0),
                 ignore_inactive_slots,
                 max_wal_rate,
                 pause_on_autovacuum,

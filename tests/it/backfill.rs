@@ -82,7 +82,7 @@ pub(crate) fn plan(body: &str) -> Plan {
 }
 
 /// Creates the control schema and registers the plan.
-async fn register(db: &TestDb, plan: &Plan) {
+pub(crate) async fn register(db: &TestDb, plan: &Plan) {
     let mut c = connect(&db.url).await;
     let control = Control::new("pgshift");
     control.ensure(&mut c).await.unwrap();
