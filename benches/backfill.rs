@@ -35,6 +35,8 @@
 
 #[path = "backfill/net.rs"]
 mod net;
+#[path = "backfill/report.rs"]
+mod report;
 #[path = "backfill/workload.rs"]
 mod workload;
 
@@ -42,6 +44,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use report::{met, ms, print_table, targets, thousands};
 use tokio_postgres::Client;
 use workload::{AppStats, Workload, connect};
 
@@ -93,20 +96,25 @@ fn args() -> Args {
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
-enum Job {
+pub enum Job {
     Update,
-    Loop { trigger: bool },
+    Loop {
+        trigger: bool,
+    },
+    /// The plain loop with the trigger, its commits not waiting for the disk (as pgshift's).
+    LoopAsync,
     Fixed,
     Adaptive,
     Reshape,
 }
 
 impl Job {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Job::Update => "single UPDATE",
             Job::Loop { trigger: false } => "plain loop, no trigger",
             Job::Loop { trigger: true } => "plain loop + trigger",
+            Job::LoopAsync => "plain loop + trigger, synchronous_commit off",
             Job::Fixed => "pgshift fixed 1000",
             Job::Adaptive => "pgshift adaptive 50ms",
             Job::Reshape => "Reshape",
@@ -119,7 +127,7 @@ impl Job {
 }
 
 /// One measured run (or, in the tables, a job's median run).
-struct Row {
+pub struct Row {
     job: Job,
     app: Option<AppStats>,
     secs: f64,
@@ -131,7 +139,7 @@ struct Row {
 }
 
 impl Row {
-    fn rate(&self) -> f64 {
+    pub fn rate(&self) -> f64 {
         self.rows as f64 / self.secs
     }
 }
@@ -313,6 +321,7 @@ async fn size(b: &Bench, rows: i64, clients: usize) -> Vec<Row> {
         Job::Update,
         Job::Loop { trigger: false },
         Job::Loop { trigger: true },
+        Job::LoopAsync,
         Job::Fixed,
         Job::Adaptive,
     ];
@@ -457,6 +466,13 @@ async fn run_job(
             }
             None => plain_loop(&connect(url).await, b.batch).await,
         },
+        Job::LoopAsync => {
+            let c = connect(url).await;
+            c.batch_execute("SET synchronous_commit = off")
+                .await
+                .unwrap();
+            plain_loop(&c, b.batch).await
+        }
         Job::Fixed | Job::Adaptive => {
             let bin = Path::new(env!("CARGO_BIN_EXE_pgshift"));
             let mut cmd = match rtt {
@@ -498,6 +514,7 @@ async fn child(mut cmd: Command) -> Option<u64> {
     tokio::task::spawn_blocking(move || {
         let mut child = cmd
             .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start the child");
         let status_file = format!("/proc/{}/status", child.id());
@@ -511,7 +528,11 @@ async fn child(mut cmd: Command) -> Option<u64> {
                 peak = peak.max(kib);
             }
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "{cmd:?}: {status}");
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                assert!(status.success(), "{cmd:?}: {status}\n{err}");
                 return (peak > 0).then_some(peak);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -623,108 +644,4 @@ fn server_addr(url: &str) -> std::net::SocketAddr {
         _ => "127.0.0.1".into(),
     };
     format!("{host}:{port}").parse().expect("a numeric host")
-}
-
-fn print_table(rows: &[Row]) {
-    let find = |j: Job| rows.iter().find(|r| r.job == j && r.app.is_none());
-    let base_loop = find(Job::Loop { trigger: true }).map(Row::rate);
-    let base_update = find(Job::Update).map(Row::rate);
-    println!(
-        "| job | app | secs | rows/s | spread of rows/s | vs loop+trigger | vs UPDATE | app ops/s | app p99 | app max | peak RSS |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for r in rows {
-        // Each workload row is compared with the same job's baseline under the workload.
-        let base = |j: Job| {
-            rows.iter()
-                .find(|x| x.job == j && x.app.is_some() == r.app.is_some())
-                .map(Row::rate)
-                .or(if j == Job::Update {
-                    base_update
-                } else {
-                    base_loop
-                })
-        };
-        let ratio = |b: Option<f64>| {
-            b.map(|b| format!("{:.2}", r.rate() / b))
-                .unwrap_or_default()
-        };
-        let (ops, p99, max) = match &r.app {
-            Some(s) => (format!("{:.0}", s.ops_per_sec), ms(s.p99), ms(s.max)),
-            None => Default::default(),
-        };
-        let verify = r
-            .verify_ms
-            .map(|v| format!(" (verify {v} ms)"))
-            .unwrap_or_default();
-        let spread = r
-            .spread
-            .map(|(lo, hi)| format!("{}–{}", thousands(lo as i64), thousands(hi as i64)))
-            .unwrap_or_default();
-        println!(
-            "| {}{verify} | {} | {:.2} | {} | {spread} | {} | {} | {ops} | {p99} | {max} | {} |",
-            r.job.name(),
-            if r.app.is_some() { "workload" } else { "idle" },
-            r.secs,
-            thousands(r.rate() as i64),
-            ratio(base(Job::Loop { trigger: true })),
-            ratio(base(Job::Update)),
-            r.rss_kib
-                .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
-                .unwrap_or_default()
-        );
-    }
-}
-
-/// The targets, measured.
-fn targets(rows: &[Row], n: i64) {
-    let rate = |j: Job, app: bool| {
-        rows.iter()
-            .find(|r| r.job == j && r.app.is_some() == app)
-            .map(Row::rate)
-            .unwrap_or(f64::NAN)
-    };
-    let fixed = rate(Job::Fixed, false) / rate(Job::Loop { trigger: true }, false);
-    let need = if n >= 10_000_000 { 0.98 } else { 0.95 };
-    println!(
-        "\ntargets at {} rows:\n- pgshift fixed ≥ {need}× the plain loop with the trigger (idle): {fixed:.2}× ({})",
-        thousands(n),
-        met(fixed >= need)
-    );
-    let adaptive = rate(Job::Adaptive, false) / rate(Job::Update, false);
-    println!(
-        "- pgshift adaptive 50ms ≥ 0.9× the single UPDATE (idle): {adaptive:.2}× ({})",
-        met(adaptive >= 0.9)
-    );
-    if let Some(s) = rows
-        .iter()
-        .find(|r| r.job == Job::Adaptive)
-        .and_then(|r| r.app.as_ref())
-    {
-        println!(
-            "- pgshift adaptive 50ms: the application's worst latency ≤ 100 ms: {} ({})",
-            ms(s.max),
-            met(s.max <= 100_000)
-        );
-    }
-}
-
-fn met(ok: bool) -> &'static str {
-    if ok { "met" } else { "NOT met" }
-}
-
-fn ms(us: u32) -> String {
-    format!("{:.1} ms", us as f64 / 1000.0)
-}
-
-fn thousands(n: i64) -> String {
-    let s = n.abs().to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if n < 0 { format!("-{out}") } else { out }
 }

@@ -22,3 +22,4 @@ mod runtime;
 mod status;
 mod tls;
 mod trigger;
+mod upgrade;
