@@ -1,276 +1,253 @@
-//! Backfill benchmark: what a backfill costs, and what it costs the application.
+//! Backfill benchmark: pgshift against the honest baselines, in one run.
 //!
-//! `cargo bench --bench backfill [-- --rows N --batch N --clients N]`
-//! (or `BENCH_ROWS`, `BENCH_BATCH`, `BENCH_CLIENTS`; defaults 1,000,000 rows, batches
-//! of 1,000, 4 application clients). `DATABASE_URL` names the server (default the
-//! local one); the database `pgshift_bench_backfill` is dropped and recreated.
+//! `cargo bench --bench backfill [-- --rows 1000000,10000000 --reps 3 --batch 1000 --clients 4 --no-rtt]`
+//! (or `BENCH_ROWS`, `BENCH_REPS`, `BENCH_BATCH`, `BENCH_CLIENTS`; defaults 1,000,000
+//! rows, 3 repetitions, batches of 1,000, 4 application clients). `DATABASE_URL`
+//! names the server (default the local one); databases named `pgshift_bench_*`
+//! are dropped and recreated.
+//!
+//! Every job runs `--reps` times, the jobs interleaved (all of them once, then all
+//! again), so that a change of load on a shared machine falls on every job alike;
+//! the table shows each job's median run and the spread of its rows/s. Every run
+//! starts from a byte-identical copy of the table: a database created from a
+//! template (`STRATEGY FILE_COPY`, vacuumed and analyzed, with or without the
+//! trigger), then a CHECKPOINT.
+//! `RESHAPE_BIN` adds Reshape (its `add_column` with `up`, which backfills).
 //!
 //! The job is the README's: `email_hash = encode(sha256(lower(email)::bytea), 'hex')`
-//! on a `leads` table. Each run gets a fresh, identical copy of the table, then one of:
+//! on a `leads` table, whose dual-write trigger is the one pgshift generates (lean:
+//! `UPDATE OF email` only). Each run gets a fresh, identical copy of the table, then:
 //!
-//! - `single UPDATE`: one statement over the whole table;
-//! - `keyset loop`: a hand-written loop of `UPDATE … WHERE id IN (SELECT id … WHERE
-//!   id > $last ORDER BY id LIMIT $batch)`, autocommit, prepared, no checkpoint;
-//! - `pgshift`: the built binary, `pgshift plan apply` of a one-step backfill plan at
-//!   the same batch size, in a child process (its wall time includes start-up,
-//!   validation, the control schema, the checkpoint of every batch and the final
-//!   verify), with its peak RSS (VmHWM) read from /proc.
+//! - `single UPDATE`: one statement over the whole table: the physical limit, and
+//!   the stall it causes;
+//! - `plain loop`: `UPDATE leads SET … WHERE id >= $1 AND id < $1 + 1000`, one
+//!   prepared statement per batch, autocommit, no checkpoint: the plainest loop
+//!   that does the job, without and with the trigger;
+//! - `pgshift fixed`: `pgshift plan apply` of a one-step backfill plan, batches of
+//!   1,000, in a child process: its time includes start-up, validation, the control
+//!   schema, a checkpoint with every batch and the final verify; its peak RSS
+//!   (VmHWM) is read from /proc;
+//! - `pgshift adaptive`: the same with `target_batch_time: 50ms`.
 //!
-//! Each runs once on an idle server and once under an application workload: N
-//! clients, each alternating a primary-key read and a single-row write of another
-//! column at random ids, as fast as they can. The workload's latency during each run
-//! (p50, p99, max) is what the application would have felt; "app alone" is the same
-//! workload with no backfill, for reference.
+//! Each runs on an idle server and under an application workload (N clients
+//! alternating a primary-key read and a one-row write of another column). Then
+//! the plain loop and pgshift fixed run again at a 2 ms round trip (see `net.rs`).
 
+#[path = "backfill/net.rs"]
+mod net;
+#[path = "backfill/report.rs"]
+mod report;
+#[path = "backfill/workload.rs"]
+mod workload;
+
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use report::{met, ms, print_table, targets, thousands};
 use tokio_postgres::Client;
+use workload::{AppStats, Workload, connect};
+
+const HASH: &str = "encode(sha256(lower(email)::bytea), 'hex')";
 
 struct Args {
-    rows: i64,
+    sizes: Vec<i64>,
     batch: i64,
     clients: usize,
+    rtt: bool,
+    reps: usize,
 }
 
 fn args() -> Args {
-    let env_or = |name: &str, default: i64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.replace('_', "").parse().ok())
-            .unwrap_or(default)
+    let list = |v: &str| -> Vec<i64> {
+        v.split(',')
+            .filter_map(|n| n.trim().replace('_', "").parse().ok())
+            .collect()
     };
+    let env = |name: &str| std::env::var(name).ok();
     let mut a = Args {
-        rows: env_or("BENCH_ROWS", 1_000_000),
-        batch: env_or("BENCH_BATCH", 1000),
-        clients: env_or("BENCH_CLIENTS", 4) as usize,
+        sizes: env("BENCH_ROWS")
+            .map(|v| list(&v))
+            .unwrap_or(vec![1_000_000]),
+        batch: env("BENCH_BATCH")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000),
+        clients: env("BENCH_CLIENTS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4),
+        rtt: true,
+        reps: env("BENCH_REPS").and_then(|v| v.parse().ok()).unwrap_or(3),
     };
     // `cargo bench` adds `--bench`; anything unknown is ignored.
     let argv: Vec<String> = std::env::args().collect();
     for (i, arg) in argv.iter().enumerate() {
-        let value = || {
-            argv.get(i + 1)
-                .and_then(|v| v.replace('_', "").parse::<i64>().ok())
-        };
+        let value = || argv.get(i + 1).cloned().unwrap_or_default();
         match arg.as_str() {
-            "--rows" => a.rows = value().expect("--rows N"),
-            "--batch" => a.batch = value().expect("--batch N"),
-            "--clients" => a.clients = value().expect("--clients N") as usize,
+            "--rows" => a.sizes = list(&value()),
+            "--batch" => a.batch = value().parse().expect("--batch N"),
+            "--clients" => a.clients = value().parse().expect("--clients N"),
+            "--no-rtt" => a.rtt = false,
+            "--reps" => a.reps = value().parse().expect("--reps N"),
             _ => {}
         }
     }
+    assert!(!a.sizes.is_empty(), "--rows N[,N…]");
     a
 }
 
-async fn connect(url: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    c
-}
-
-const HASH: &str = "encode(sha256(lower(email)::bytea), 'hex')";
-
-/// A fresh `leads` copied from the template, vacuumed and analyzed, and a clean
-/// control schema.
-async fn fresh_table(c: &Client) {
-    for sql in [
-        "DROP SCHEMA IF EXISTS pgshift CASCADE",
-        "DROP TABLE IF EXISTS leads",
-        "CREATE TABLE leads (id bigint PRIMARY KEY, email text NOT NULL, name text NOT NULL,
-                             created_at timestamptz NOT NULL, email_hash text)",
-        "INSERT INTO leads SELECT id, email, name, created_at, NULL FROM leads_src ORDER BY id",
-        // VACUUM cannot share a transaction: one statement per call.
-        "VACUUM ANALYZE leads",
-        "CHECKPOINT",
-    ] {
-        c.batch_execute(sql).await.unwrap();
-    }
-}
-
-/// The application: `clients` connections, each alternating a read and a write of
-/// one random row, recording every latency in microseconds.
-struct Workload {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>,
-    started: Instant,
-}
-
-impl Workload {
-    async fn start(url: &str, clients: usize, rows: i64) -> Workload {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        for n in 0..clients {
-            let c = connect(url).await;
-            let stop = stop.clone();
-            tasks.push(tokio::spawn(async move {
-                let read = c
-                    .prepare("SELECT id, email, name FROM leads WHERE id = $1")
-                    .await
-                    .unwrap();
-                let write = c
-                    .prepare("UPDATE leads SET name = $2 WHERE id = $1")
-                    .await
-                    .unwrap();
-                let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ ((n as u64 + 1) << 32);
-                let mut lat = Vec::with_capacity(1 << 16);
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    let id = (seed % rows as u64) as i64 + 1;
-                    let t = Instant::now();
-                    if i.is_multiple_of(2) {
-                        c.query_opt(&read, &[&id]).await.unwrap();
-                    } else {
-                        c.execute(&write, &[&id, &format!("name {i}")])
-                            .await
-                            .unwrap();
-                    }
-                    lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                    i += 1;
-                }
-                lat
-            }));
-        }
-        Workload {
-            stop,
-            tasks,
-            started: Instant::now(),
-        }
-    }
-
-    async fn finish(self) -> AppStats {
-        self.stop.store(true, Ordering::Relaxed);
-        let secs = self.started.elapsed().as_secs_f64();
-        let mut all = Vec::new();
-        for t in self.tasks {
-            all.extend(t.await.unwrap());
-        }
-        all.sort_unstable();
-        let pct = |p: f64| {
-            all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or(0)
-        };
-        AppStats {
-            ops_per_sec: all.len() as f64 / secs,
-            p50: pct(0.50),
-            p99: pct(0.99),
-            max: all.last().copied().unwrap_or(0),
-        }
-    }
-}
-
-struct AppStats {
-    ops_per_sec: f64,
-    p50: u32,
-    p99: u32,
-    max: u32,
-}
-
-fn ms(us: u32) -> String {
-    format!("{:.1}ms", us as f64 / 1000.0)
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Job {
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Job {
     Update,
-    Loop,
-    Pgshift,
+    Loop {
+        trigger: bool,
+    },
+    /// The plain loop with the trigger, its commits not waiting for the disk (as pgshift's).
+    LoopAsync,
+    Fixed,
+    Adaptive,
+    Reshape,
 }
 
 impl Job {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Job::Update => "single UPDATE",
-            Job::Loop => "keyset loop",
-            Job::Pgshift => "pgshift",
+            Job::Loop { trigger: false } => "plain loop, no trigger",
+            Job::Loop { trigger: true } => "plain loop + trigger",
+            Job::LoopAsync => "plain loop + trigger, synchronous_commit off",
+            Job::Fixed => "pgshift fixed 1000",
+            Job::Adaptive => "pgshift adaptive 50ms",
+            Job::Reshape => "Reshape",
         }
+    }
+
+    fn trigger(self) -> bool {
+        !matches!(self, Job::Loop { trigger: false } | Job::Reshape)
     }
 }
 
-struct Outcome {
+/// One measured run (or, in the tables, a job's median run).
+pub struct Row {
+    job: Job,
+    app: Option<AppStats>,
     secs: f64,
-    peak_rss_kib: Option<u64>,
+    rows: i64,
+    rss_kib: Option<u64>,
+    verify_ms: Option<i64>,
+    /// The slowest and fastest rows/s of the job's repetitions.
+    spread: Option<(f64, f64)>,
 }
 
-async fn run_job(job: Job, c: &Client, url: &str, batch: i64, plan: &std::path::Path) -> Outcome {
-    let start = Instant::now();
-    let mut peak = None;
-    match job {
-        Job::Update => {
-            c.batch_execute(&format!("UPDATE leads SET email_hash = {HASH}"))
-                .await
-                .unwrap();
+impl Row {
+    pub fn rate(&self) -> f64 {
+        self.rows as f64 / self.secs
+    }
+}
+
+/// Where the benchmark works: the server, the databases, the plans.
+struct Bench {
+    server: String,
+    admin: Client,
+    dir: PathBuf,
+    trigger_sql: Vec<String>,
+    batch: i64,
+    reps: usize,
+}
+
+/// The database each run works in: a fresh copy of a template.
+const RUN_DB: &str = "pgshift_bench_run";
+
+impl Bench {
+    /// The URL of database `db` on the server.
+    fn url(&self, db: &str) -> String {
+        match self.server.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{db}"),
+            None => self.server.clone(),
         }
-        Job::Loop => {
-            let stmt = c
-                .prepare(&format!(
-                    "WITH b AS (SELECT id FROM leads WHERE id > $1 ORDER BY id LIMIT $2),
-                          u AS (UPDATE leads SET email_hash = {HASH}
-                                WHERE id IN (SELECT id FROM b) AND email_hash IS NULL)
-                     SELECT max(id) FROM b"
+    }
+
+    async fn exec(&self, sql: &str) {
+        self.admin
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// The two templates at this size: `leads` without the trigger, and with it.
+    async fn templates(&self, rows: i64) {
+        for (db, trigger) in [
+            ("pgshift_bench_tpl", false),
+            ("pgshift_bench_tpl_trigger", true),
+        ] {
+            self.exec(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .await;
+            let mut sql: Vec<String> = if trigger {
+                self.exec(&format!(
+                    "CREATE DATABASE {db} TEMPLATE pgshift_bench_tpl STRATEGY FILE_COPY"
                 ))
-                .await
-                .unwrap();
-            let mut last = 0i64;
-            while let Some(n) = c
-                .query_one(&stmt, &[&last, &batch])
-                .await
-                .unwrap()
-                .get::<_, Option<i64>>(0)
-            {
-                last = n;
+                .await;
+                self.trigger_sql.clone()
+            } else {
+                self.exec(&format!("CREATE DATABASE {db}")).await;
+                vec![
+                    "CREATE TABLE leads (id bigint NOT NULL, email text NOT NULL, name text NOT NULL,
+                                         created_at timestamptz NOT NULL, email_hash text)"
+                        .into(),
+                    format!(
+                        "INSERT INTO leads SELECT g, 'User' || g || '@Example.com', 'name ' || g,
+                                '2026-01-01'::timestamptz - g * interval '1 second', NULL
+                         FROM generate_series(1, {rows}) g"
+                    ),
+                    "ALTER TABLE leads ADD PRIMARY KEY (id)".into(),
+                ]
+            };
+            // VACUUM cannot share a transaction: one statement per call.
+            sql.push("VACUUM ANALYZE leads".into());
+            let c = connect(&self.url(db)).await;
+            for q in sql {
+                c.batch_execute(&q)
+                    .await
+                    .unwrap_or_else(|e| panic!("{q}: {e}"));
             }
         }
-        Job::Pgshift => {
-            let url = url.to_string();
-            let plan = plan.to_path_buf();
-            peak = tokio::task::spawn_blocking(move || {
-                let mut child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
-                    .args(["--progress", "never", "-q", "--yes", "plan", "apply"])
-                    .arg(&plan)
-                    .env("DATABASE_URL", &url)
-                    .stdout(std::process::Stdio::null())
-                    .spawn()
-                    .expect("run the pgshift binary");
-                let status_file = format!("/proc/{}/status", child.id());
-                let mut peak = 0u64;
-                loop {
-                    // VmHWM only grows: the last reading before exit is the peak.
-                    if let Some(kib) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
-                        s.lines()
-                            .find_map(|l| l.strip_prefix("VmHWM:"))
-                            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                    }) {
-                        peak = peak.max(kib);
-                    }
-                    if let Some(status) = child.try_wait().unwrap() {
-                        assert!(status.success(), "pgshift plan apply: {status}");
-                        return Some(peak);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-            .await
-            .unwrap();
-        }
     }
-    Outcome {
-        secs: start.elapsed().as_secs_f64(),
-        peak_rss_kib: peak,
+
+    /// A byte-identical copy of a template, checkpointed, and a connection to it.
+    async fn fresh(&self, trigger: bool) -> Client {
+        let tpl = if trigger {
+            "pgshift_bench_tpl_trigger"
+        } else {
+            "pgshift_bench_tpl"
+        };
+        self.exec(&format!("DROP DATABASE IF EXISTS {RUN_DB} WITH (FORCE)"))
+            .await;
+        self.exec(&format!(
+            "CREATE DATABASE {RUN_DB} TEMPLATE {tpl} STRATEGY FILE_COPY"
+        ))
+        .await;
+        self.exec("CHECKPOINT").await;
+        connect(&self.url(RUN_DB)).await
+    }
+
+    async fn drop_all(&self) {
+        for db in [RUN_DB, "pgshift_bench_tpl_trigger", "pgshift_bench_tpl"] {
+            let _ = self
+                .admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .await;
+        }
     }
 }
 
 #[tokio::main]
 async fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--child-loop") {
+        // Inside the network namespace: the plain loop, as its own process.
+        let c = connect(&argv[2]).await;
+        plain_loop(&c, argv[3].parse().unwrap()).await;
+        return;
+    }
     let a = args();
     let server = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -280,136 +257,391 @@ async fn main() {
         .await
         .unwrap()
         .get(0);
-    for sql in [
-        "DROP DATABASE IF EXISTS pgshift_bench_backfill WITH (FORCE)",
-        "CREATE DATABASE pgshift_bench_backfill",
-    ] {
-        admin.batch_execute(sql).await.unwrap();
-    }
-    let url = match server.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/pgshift_bench_backfill"),
-        None => server.clone(),
-    };
-    let c = connect(&url).await;
-    let setup = Instant::now();
-    c.batch_execute(&format!(
-        "CREATE TABLE leads_src AS
-           SELECT g::bigint AS id, 'User' || g || '@Example.com' AS email, 'name ' || g AS name,
-                  now() - g * interval '1 second' AS created_at
-           FROM generate_series(1, {}) g",
-        a.rows
-    ))
-    .await
-    .unwrap();
     let dir = std::env::temp_dir().join(format!("pgshift-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let plan = dir.join("bench_leads.yaml");
-    std::fs::write(
-        &plan,
-        format!(
-            "id: bench_leads\nphases:\n  backfill:\n    - name: fill_email_hash\n      allow: {{ backfill-without-dual-write: \"bench: the workload never writes email\" }}\n      backfill:\n        table: leads\n        set: {{ email_hash: \"{HASH}\" }}\n        where: email_hash IS NULL\n        batch_size: {}\n",
-            a.batch
-        ),
-    )
-    .unwrap();
+    let b = Bench {
+        server: server.clone(),
+        admin,
+        trigger_sql: trigger_sql(&dir),
+        dir,
+        batch: a.batch,
+        reps: a.reps.max(1),
+    };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
     println!(
-        "backfill benchmark: {} rows, batch {}, {} application clients; PostgreSQL {version}, {cores} cores (template built in {:.1}s)",
-        a.rows,
-        a.batch,
-        a.clients,
-        setup.elapsed().as_secs_f64()
+        "backfill benchmark: batch {}, {} application clients, {} repetitions (medians); PostgreSQL {version}, {cores} cores",
+        a.batch, a.clients, b.reps
     );
+    let mut rss = Vec::new();
+    for (i, &rows) in a.sizes.iter().enumerate() {
+        let results = size(&b, rows, a.clients).await;
+        let fixed = results.iter().find(|r| r.job == Job::Fixed);
+        rss.push((rows, fixed.and_then(|r| r.rss_kib)));
+        if i == 0 && a.rtt {
+            rtt(&b, rows, &server).await;
+        }
+    }
+    if let [(r1, Some(k1)), .., (rn, Some(kn))] = rss.as_slice() {
+        let ratio = *kn as f64 / *k1 as f64;
+        println!(
+            "\npeak RSS of pgshift fixed: {:.1} MiB at {} rows, {:.1} MiB at {} rows: {ratio:.2}× (target ≤ 1.2×: {})",
+            *k1 as f64 / 1024.0,
+            thousands(*r1),
+            *kn as f64 / 1024.0,
+            thousands(*rn),
+            met(ratio <= 1.2)
+        );
+    }
+    b.drop_all().await;
+    let _ = std::fs::remove_dir_all(&b.dir);
+}
 
-    fresh_table(&c).await;
-    let app = Workload::start(&url, a.clients, a.rows).await;
+/// Every job at one size, idle and under the workload, `reps` times interleaved;
+/// prints the table of medians and the targets.
+async fn size(b: &Bench, rows: i64, clients: usize) -> Vec<Row> {
+    let setup = Instant::now();
+    b.templates(rows).await;
+    let url = b.url(RUN_DB);
+    let _warm = b.fresh(true).await;
+    let app = Workload::start(&url, clients, rows).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let alone = app.finish().await;
     println!(
-        "app alone: {:.0} ops/s, p50 {}, p99 {}, max {}",
+        "\n{} rows (templates built in {:.1}s); the application alone: {:.0} ops/s, p50 {}, p99 {}, max {}\n",
+        thousands(rows),
+        setup.elapsed().as_secs_f64(),
         alone.ops_per_sec,
         ms(alone.p50),
         ms(alone.p99),
         ms(alone.max)
     );
-    println!(
-        "{:<14} {:<9} {:>8} {:>10} {:>8} | {:>9} {:>8} {:>8} {:>9} | {:>9}",
-        "job",
-        "app",
-        "secs",
-        "rows/s",
-        "vs loop",
-        "app ops/s",
-        "app p50",
-        "app p99",
-        "app max",
-        "peak RSS"
-    );
-    for with_app in [false, true] {
-        let mut loop_rate = None;
-        for job in [Job::Update, Job::Loop, Job::Pgshift] {
-            fresh_table(&c).await;
-            let app = if with_app {
-                let w = Workload::start(&url, a.clients, a.rows).await;
-                // Let the workload warm up before the job starts.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                Some(w)
-            } else {
-                None
-            };
-            let out = run_job(job, &c, &url, a.batch, &plan).await;
-            let stats = match app {
-                Some(w) => Some(w.finish().await),
-                None => None,
-            };
-            let missed: i64 = c
-                .query_one(
-                    &format!("SELECT count(*) FROM leads WHERE email_hash IS DISTINCT FROM {HASH}"),
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(missed, 0, "{}: rows left wrong", job.name());
-            let rate = a.rows as f64 / out.secs;
-            if job == Job::Loop {
-                loop_rate = Some(rate);
+    let mut jobs = vec![
+        Job::Update,
+        Job::Loop { trigger: false },
+        Job::Loop { trigger: true },
+        Job::LoopAsync,
+        Job::Fixed,
+        Job::Adaptive,
+    ];
+    if std::env::var_os("RESHAPE_BIN").is_some() {
+        jobs.push(Job::Reshape);
+    }
+    let mut all = Vec::new();
+    for _ in 0..b.reps {
+        for with_app in [false, true] {
+            for &job in &jobs {
+                all.push(measure(b, job, with_app.then_some(clients), rows).await);
             }
-            let ratio = match (job, loop_rate) {
-                (Job::Pgshift, Some(l)) => format!("{:.2}", rate / l),
-                _ => String::new(),
-            };
-            let (ops, p50, p99, max) = match &stats {
-                Some(s) => (
-                    format!("{:.0}", s.ops_per_sec),
-                    ms(s.p50),
-                    ms(s.p99),
-                    ms(s.max),
-                ),
-                None => Default::default(),
-            };
-            println!(
-                "{:<14} {:<9} {:>8.1} {:>10.0} {:>8} | {:>9} {:>8} {:>8} {:>9} | {:>9}",
-                job.name(),
-                if with_app { "workload" } else { "idle" },
-                out.secs,
-                rate,
-                ratio,
-                ops,
-                p50,
-                p99,
-                max,
-                out.peak_rss_kib
-                    .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
-                    .unwrap_or_default()
-            );
         }
     }
-    drop(c);
-    let _ = admin
-        .batch_execute("DROP DATABASE IF EXISTS pgshift_bench_backfill WITH (FORCE)")
-        .await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let mut out = Vec::new();
+    for with_app in [false, true] {
+        for &job in &jobs {
+            let runs: Vec<Row> = all
+                .extract_if(.., |r| r.job == job && r.app.is_some() == with_app)
+                .collect();
+            out.push(median(runs));
+        }
+    }
+    print_table(&out);
+    targets(&out, rows);
+    out
+}
+
+/// One run of `job` on a fresh copy, under the workload when `clients` is given.
+async fn measure(b: &Bench, job: Job, clients: Option<usize>, rows: i64) -> Row {
+    let c = b.fresh(job.trigger()).await;
+    let url = b.url(RUN_DB);
+    let w = match clients {
+        Some(n) => {
+            let w = Workload::start(&url, n, rows).await;
+            // Let the workload warm up before the job starts.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Some(w)
+        }
+        None => None,
+    };
+    let (secs, rss_kib) = run_job(b, &c, job, &url, None).await;
+    let app = match w {
+        Some(w) => Some(w.finish().await),
+        None => None,
+    };
+    check(&c, job).await;
+    Row {
+        job,
+        app,
+        secs,
+        rows,
+        rss_kib,
+        verify_ms: verify_ms(&c, job).await,
+        spread: None,
+    }
+}
+
+/// The median run of a job's repetitions, with the spread of their rates, the
+/// worst application latency any of them saw, and the largest peak RSS.
+fn median(mut runs: Vec<Row>) -> Row {
+    runs.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+    let rates: Vec<f64> = runs.iter().map(Row::rate).collect();
+    let worst = runs
+        .iter()
+        .filter_map(|r| r.app.as_ref().map(|a| a.max))
+        .max();
+    let rss = runs.iter().filter_map(|r| r.rss_kib).max();
+    let n = runs.len();
+    let mut m = runs.swap_remove(n / 2);
+    if let (Some(a), Some(w)) = (m.app.as_mut(), worst) {
+        a.max = w;
+    }
+    m.rss_kib = rss;
+    m.spread = (n > 1).then(|| {
+        (
+            rates.iter().copied().fold(f64::INFINITY, f64::min),
+            rates.iter().copied().fold(0.0, f64::max),
+        )
+    });
+    m
+}
+
+/// The dual-write trigger pgshift generates for this job, from a plan's `trigger` step.
+fn trigger_sql(dir: &Path) -> Vec<String> {
+    let yaml = format!(
+        "id: bench_trigger\nphases:\n  dual_write:\n    - name: sync_email_hash\n      trigger:\n        table: leads\n        set: {{ email_hash: \"{}\" }}\n",
+        HASH.replace("email", "NEW.email")
+    );
+    let file = dir.join("bench_trigger.yaml");
+    let plan = pgshift::plan::validate::validate(&file, &yaml).expect("the trigger plan is valid");
+    let step = &plan.steps[0];
+    let pgshift::plan::StepKind::Trigger(spec) = &step.kind else {
+        panic!("not a trigger step")
+    };
+    pgshift::kind::trigger::statements(&plan.id, &step.name, spec)
+}
+
+/// The plan of a pgshift job.
+fn plan(b: &Bench, job: Job) -> PathBuf {
+    let throttle = if job == Job::Adaptive {
+        "\n        throttle: { target_batch_time: 50ms }"
+    } else {
+        ""
+    };
+    let path = b
+        .dir
+        .join(format!("bench_{job:?}.yaml").replace([' ', '{', '}', ':'], ""));
+    std::fs::write(
+        &path,
+        format!(
+            "id: bench_leads\nphases:\n  backfill:\n    - name: fill_email_hash\n      allow: {{ backfill-without-dual-write: \"bench: the setup creates the dual-write trigger\" }}\n      backfill:\n        table: leads\n        set: {{ email_hash: \"{HASH}\" }}\n        where: email_hash IS NULL\n        batch_size: {}{throttle}\n",
+            b.batch
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs one job against `url`; returns its seconds and, for a child process, its peak RSS.
+async fn run_job(
+    b: &Bench,
+    c: &Client,
+    job: Job,
+    url: &str,
+    rtt: Option<&net::Rtt>,
+) -> (f64, Option<u64>) {
+    let start = Instant::now();
+    let mut peak = None;
+    match job {
+        Job::Update => {
+            c.batch_execute(&format!("UPDATE leads SET email_hash = {HASH}"))
+                .await
+                .unwrap();
+        }
+        Job::Loop { .. } => match rtt.filter(|r| r.namespace.is_some()) {
+            Some(r) => {
+                let exe = std::env::current_exe().unwrap();
+                let mut cmd = r.command(&exe);
+                cmd.args(["--child-loop", url, &b.batch.to_string()]);
+                child(cmd).await;
+            }
+            None => plain_loop(&connect(url).await, b.batch).await,
+        },
+        Job::LoopAsync => {
+            let c = connect(url).await;
+            c.batch_execute("SET synchronous_commit = off")
+                .await
+                .unwrap();
+            plain_loop(&c, b.batch).await
+        }
+        Job::Fixed | Job::Adaptive => {
+            let bin = Path::new(env!("CARGO_BIN_EXE_pgshift"));
+            let mut cmd = match rtt {
+                Some(r) => r.command(bin),
+                None => Command::new(bin),
+            };
+            cmd.args(["--progress", "never", "-q", "--yes", "plan", "apply"])
+                .arg(plan(b, job))
+                .env("DATABASE_URL", url);
+            peak = child(cmd).await;
+        }
+        Job::Reshape => reshape(b, url).await,
+    }
+    (start.elapsed().as_secs_f64(), peak)
+}
+
+/// The plainest loop that does the job: one autocommit statement per key range.
+async fn plain_loop(c: &Client, batch: i64) {
+    let r = c
+        .query_one("SELECT min(id), max(id) FROM leads", &[])
+        .await
+        .unwrap();
+    let (mut lo, hi): (i64, i64) = (r.get(0), r.get(1));
+    let stmt = c
+        .prepare(&format!(
+            "UPDATE leads SET email_hash = {HASH} WHERE id >= $1 AND id < $1 + $2"
+        ))
+        .await
+        .unwrap();
+    while lo <= hi {
+        c.execute(&stmt, &[&lo, &batch]).await.unwrap();
+        lo += batch;
+    }
+}
+
+/// Runs a child process to its end; returns its peak RSS (VmHWM only grows: the
+/// last reading before it exits is the peak).
+async fn child(mut cmd: Command) -> Option<u64> {
+    tokio::task::spawn_blocking(move || {
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the child");
+        let status_file = format!("/proc/{}/status", child.id());
+        let mut peak = 0u64;
+        loop {
+            if let Some(kib) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            }) {
+                peak = peak.max(kib);
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                assert!(status.success(), "{cmd:?}: {status}\n{err}");
+                return (peak > 0).then_some(peak);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// Reshape's `add_column` with `up` (it backfills the new column through its trigger).
+async fn reshape(b: &Bench, url: &str) {
+    let bin = std::env::var("RESHAPE_BIN").unwrap();
+    let dir = b.dir.join("reshape");
+    std::fs::create_dir_all(dir.join("migrations")).unwrap();
+    std::fs::write(
+        dir.join("migrations/1_email_hash.toml"),
+        format!(
+            "[[actions]]\ntype = \"add_column\"\ntable = \"leads\"\nup = \"{HASH}\"\n\n\t[actions.column]\n\tname = \"email_hash2\"\n\ttype = \"TEXT\"\n"
+        ),
+    )
+    .unwrap();
+    let args = std::env::var("RESHAPE_ARGS").unwrap_or_else(|_| "migration start".into());
+    let mut cmd = Command::new(bin);
+    cmd.args(args.split_whitespace())
+        .current_dir(&dir)
+        .env("DB_URL", url)
+        .env("DATABASE_URL", url);
+    child(cmd).await;
+}
+
+/// Every row right after the job.
+async fn check(c: &Client, job: Job) {
+    let column = if job == Job::Reshape {
+        "email_hash2"
+    } else {
+        "email_hash"
+    };
+    let missed: i64 = c
+        .query_one(
+            &format!("SELECT count(*) FROM leads WHERE {column} IS DISTINCT FROM {HASH}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(missed, 0, "{}: rows left wrong", job.name());
+}
+
+/// How long pgshift's final verify took (from its events).
+async fn verify_ms(c: &Client, job: Job) -> Option<i64> {
+    if !matches!(job, Job::Fixed | Job::Adaptive) {
+        return None;
+    }
+    c.query_opt(
+        "SELECT (detail->>'verify_ms')::int8 FROM pgshift.events WHERE event = 'backfill_finished' ORDER BY id DESC LIMIT 1",
+        &[],
+    )
+    .await
+    .ok()
+    .flatten()
+    .and_then(|r| r.get(0))
+}
+
+/// The plain loop and pgshift fixed, idle, at a 2 ms round trip.
+async fn rtt(b: &Bench, rows: i64, server: &str) {
+    let r = net::Rtt::setup(server_addr(server));
+    let url = format!("postgres://postgres@{}/{RUN_DB}", r.addr);
+    println!(
+        "\n2 ms round trip, {} rows, idle: {}\n",
+        thousands(rows),
+        r.how
+    );
+    let jobs = [Job::Loop { trigger: true }, Job::Fixed];
+    let mut all = Vec::new();
+    for _ in 0..b.reps {
+        for job in jobs {
+            let c = b.fresh(true).await;
+            let (secs, rss_kib) = run_job(b, &c, job, &url, Some(&r)).await;
+            check(&c, job).await;
+            all.push(Row {
+                job,
+                app: None,
+                secs,
+                rows,
+                rss_kib,
+                verify_ms: verify_ms(&c, job).await,
+                spread: None,
+            });
+        }
+    }
+    let out: Vec<Row> = jobs
+        .iter()
+        .map(|&j| median(all.extract_if(.., |r| r.job == j).collect()))
+        .collect();
+    print_table(&out);
+    let ratio = out[1].rate() / out[0].rate();
+    println!(
+        "\ntarget at 2 ms: pgshift fixed ≥ 0.9× the plain loop: {ratio:.2}× ({})",
+        met(ratio >= 0.9)
+    );
+}
+
+/// The server's address from its URL (the benchmark's server is a TCP one).
+fn server_addr(url: &str) -> std::net::SocketAddr {
+    let c: tokio_postgres::Config = url.parse().expect("DATABASE_URL parses");
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    let host = match c.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) if h != "localhost" => h.clone(),
+        _ => "127.0.0.1".into(),
+    };
+    format!("{host}:{port}").parse().expect("a numeric host")
 }

@@ -480,6 +480,29 @@ fn connect_error(target: &Target, e: &tokio_postgres::Error) -> Error {
     }))
 }
 
+/// Opens one connection (not from the pool) and a token cancelled as soon as the
+/// connection is gone (closed by the server, the network, or dropped): the plan's
+/// lock lives and dies with it.
+pub async fn connect_watched(
+    target: &Target,
+) -> Result<(Client, tokio_util::sync::CancellationToken), Error> {
+    let tls = tls_connector(target)?;
+    let (client, conn) = target
+        .config
+        .connect(tls)
+        .await
+        .map_err(|e| connect_error(target, &e))?;
+    let gone = tokio_util::sync::CancellationToken::new();
+    let token = gone.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("connection closed: {e}");
+        }
+        token.cancel();
+    });
+    Ok((client, gone))
+}
+
 /// The connection pool for step and batch work.
 pub type Pool = deadpool_postgres::Pool;
 

@@ -79,6 +79,26 @@ pub fn format(d: Duration) -> String {
     }
 }
 
+/// A duration for people reading a progress line or an ETA: `0.4s`, `45s`,
+/// `12m05s`, `2h23m`, `3d04h`; tenths only under ten seconds, seconds are
+/// dropped past an hour, minutes past a day.
+pub fn human(d: Duration) -> String {
+    if d < Duration::from_millis(9_950) {
+        return format!("{:.1}s", d.as_secs_f64());
+    }
+    let s = d.as_secs_f64().round() as u64;
+    let (days, hours, mins, secs) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if days > 0 {
+        format!("{days}d{hours:02}h")
+    } else if hours > 0 {
+        format!("{hours}h{mins:02}m")
+    } else if mins > 0 {
+        format!("{mins}m{secs:02}s")
+    } else {
+        format!("{secs}s")
+    }
+}
+
 /// The value PostgreSQL's `lock_timeout`/`statement_timeout` settings take: milliseconds.
 pub fn as_pg_setting(d: Duration) -> String {
     format!("{}ms", d.as_millis())
@@ -124,6 +144,16 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn human_durations_read_at_a_glance() {
+        assert_eq!(human(Duration::from_secs(45)), "45s");
+        assert_eq!(human(Duration::from_secs(725)), "12m05s");
+        assert_eq!(human(Duration::from_secs(2 * 3600 + 23 * 60 + 20)), "2h23m");
+        assert_eq!(human(Duration::from_secs(3 * 86_400 + 4 * 3600)), "3d04h");
+        assert_eq!(human(Duration::from_millis(400)), "0.4s");
+        assert_eq!(human(Duration::from_millis(6_640)), "6.6s");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - `control`: the control schema; `db`: connections and error classes;
 //! - `ident`, `duration`, `exit`: leaves.
 
+pub mod bytes;
 pub mod cli;
 pub mod control;
 pub mod db;

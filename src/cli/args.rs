@@ -157,6 +157,24 @@ pub enum Command {
         /// Let a paused backfill continue.
         #[arg(long)]
         unpause: bool,
+        /// Remove every live override first (back to the plan's and the command line's throttles).
+        #[arg(long)]
+        clear: bool,
+        /// Hold while a watched replication slot is further behind than this (`512MB`; `off` lifts it).
+        #[arg(long, value_parser = parse_size_or_off, value_name = "SIZE|off")]
+        max_slot_lag: Option<u64>,
+        /// The slots --max-slot-lag watches (`a,b`; `all`: every logical slot).
+        #[arg(long, value_parser = parse_slots, value_name = "NAMES|all")]
+        slots: Option<SlotList>,
+        /// Whether a slot with no consumer connected may hold the backfill.
+        #[arg(long, value_parser = parse_on_off, value_name = "on|off")]
+        ignore_inactive_slots: Option<bool>,
+        /// At most this much WAL per second from the batches (`16MB`; `off` lifts it).
+        #[arg(long, value_parser = parse_size_or_off, value_name = "SIZE|off")]
+        max_wal_rate: Option<u64>,
+        /// Hold while an anti-wraparound autovacuum works the table.
+        #[arg(long, value_parser = parse_on_off, value_name = "on|off")]
+        pause_on_autovacuum: Option<bool>,
     },
     /// One plan over many databases or tenant schemas, from a targets file.
     #[command(subcommand)]
@@ -199,6 +217,46 @@ pub enum StatusFormat {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::duration::parse(s)
+}
+
+/// A size (`512MB`, `16MB/s`), or `off` (stored as 0: lifts the plan's limit).
+fn parse_size_or_off(s: &str) -> Result<u64, String> {
+    match s.trim() {
+        "off" | "0" => Ok(0),
+        t => crate::bytes::parse(t.strip_suffix("/s").unwrap_or(t)),
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.trim() {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        other => Err(format!("`{other}` is not on or off")),
+    }
+}
+
+/// Replication slot names given as one value (`a,b`); empty: every logical slot.
+#[derive(Debug, Clone)]
+pub struct SlotList(pub Vec<String>);
+
+/// `a,b` (replication slot names), or `all` (empty: every logical slot).
+fn parse_slots(s: &str) -> Result<SlotList, String> {
+    if s.trim() == "all" {
+        return Ok(SlotList(Vec::new()));
+    }
+    s.split(',')
+        .map(|n| {
+            let n = n.trim();
+            if crate::kind::backfill::is_slot_name(n) {
+                Ok(n.to_string())
+            } else {
+                Err(format!(
+                    "`{n}` is not a replication slot name (1 to 63 lowercase letters, digits and underscores)"
+                ))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(SlotList)
 }
 
 #[derive(Debug, Subcommand)]

@@ -222,16 +222,48 @@ async fn record_overrides(cx: &exec::Context, plan: &Plan) -> Result<(), exec::E
     cx.control
         .event(&c, &plan.id, o.step.as_deref(), &given)
         .await?;
+    // The newer instruction wins: a flag given now replaces a live override of the
+    // same setting that an earlier `pgshift throttle` stored (and says so). A
+    // `throttle` during this run replaces the flag in turn.
+    let cli = Overrides {
+        batch_size: o.batch_size,
+        sleep_ms: o.sleep.map(|d| d.as_millis() as u64),
+        max_rows_per_sec: o.max_rows_per_sec,
+        ..Overrides::default()
+    };
+    let before = cx
+        .control
+        .replace_overrides(&c, &plan.id, o.step.as_deref(), |old| old.without(&cli).0)
+        .await?;
+    for (step, old) in before {
+        let replaced = old.without(&cli).1;
+        if replaced.is_empty() {
+            continue;
+        }
+        cx.reporter.message(&format!(
+            "step `{step}`: your flags replace the live override(s) set earlier with `pgshift throttle`: {}",
+            replaced.describe()
+        ));
+        let superseded = Event::OverridesSuperseded {
+            replaced,
+            by: engine::whoami(),
+        };
+        cx.control
+            .event(&c, &plan.id, Some(&step), &superseded)
+            .await?;
+    }
     Ok(())
 }
 
 /// `throttle PLAN`: stores a patch of live overrides for the plan's backfill
-/// steps, and says honestly whether a backfill is running to pick it up.
+/// steps (after removing every stored one, with `--clear`), and says honestly
+/// whether a backfill is running to pick it up.
 pub async fn throttle(
     cx: &exec::Context,
     plan: &str,
     step: Option<&str>,
     patch: &Overrides,
+    clear: bool,
 ) -> Result<Exit, exec::Error> {
     if let Some(b) = patch.batch_size
         && (b == 0 || b > plan::defaults::BATCH_SIZE_LIMIT)
@@ -241,8 +273,8 @@ pub async fn throttle(
             plan::defaults::BATCH_SIZE_LIMIT
         )));
     }
-    if patch.is_empty() {
-        return Err(exec::Error::Usage("nothing to change: give --batch-size, --sleep, --max-rows-per-sec, --pause or --unpause".into()));
+    if patch.is_empty() && !clear {
+        return Err(exec::Error::Usage("nothing to change: give --batch-size, --sleep, --max-rows-per-sec, --max-slot-lag, --slots, --ignore-inactive-slots, --max-wal-rate, --pause-on-autovacuum, --pause, --unpause or --clear".into()));
     }
     let c = db::connect(&cx.target).await?;
     if !cx.control.exists(&c).await? || cx.control.plan_row(&c, plan).await?.is_none() {
@@ -264,6 +296,32 @@ pub async fn throttle(
             step.map(|s| format!(" named `{s}`")).unwrap_or_default()
         )));
     }
+    if clear {
+        let before = cx
+            .control
+            .replace_overrides(&c, plan, step, |_| Overrides::default())
+            .await?;
+        for (name, old) in before.into_iter().filter(|(_, o)| !o.is_empty()) {
+            Line::info(
+                "overrides_cleared",
+                format!("cleared on `{name}`: {}", old.describe()),
+            )
+            .emit();
+            let cleared = Event::OverridesCleared {
+                cleared: old,
+                by: engine::whoami(),
+            };
+            cx.control.event(&c, plan, Some(&name), &cleared).await?;
+        }
+        if patch.is_empty() {
+            Line::info(
+                "throttle_cleared",
+                format!("no live overrides left on {} backfill step(s) of `{plan}`: the plan's throttles (and the flags of the `pgshift backfill` running it) apply from its next batch", steps.len()),
+            )
+            .emit();
+            return Ok(Exit::Ok);
+        }
+    }
     let n = cx.control.merge_overrides(&c, plan, step, patch).await?;
     let set = Event::OverrideSet {
         set: patch.clone(),
@@ -274,7 +332,10 @@ pub async fn throttle(
         && steps.iter().any(|s| s.status == Status::Running);
     let finished = steps.iter().all(|s| s.status == Status::Succeeded);
     let what = patch.to_json();
-    let set = format!("set {what} on {n} backfill step(s) of `{plan}`");
+    let set = format!(
+        "set {} on {n} backfill step(s) of `{plan}`",
+        patch.describe()
+    );
     let (text, when) = if running {
         (
             format!("{set}; the running backfill applies it at its next batch"),
@@ -364,9 +425,9 @@ pub fn finish(plan: &str, r: Result<(), exec::Error>) -> Result<Exit, exec::Erro
         _ => {
             let code = super::report_error(&e);
             match &e {
-                exec::Error::Cancelled { .. } | exec::Error::ConnectionLost { .. } => {
-                    next("continue with", &format!("resume {plan}"))
-                }
+                exec::Error::Cancelled { .. }
+                | exec::Error::ConnectionLost { .. }
+                | exec::Error::LockLost { .. } => next("continue with", &format!("resume {plan}")),
                 exec::Error::PlanChanged { .. } => {}
                 e if e.is_step_failure() => {
                     next("see which step failed and why", &format!("status {plan}"));

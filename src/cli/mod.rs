@@ -167,15 +167,26 @@ fn run(cli: Cli) -> Exit {
             max_rows_per_sec,
             pause,
             unpause,
+            clear,
+            max_slot_lag,
+            slots,
+            ignore_inactive_slots,
+            max_wal_rate,
+            pause_on_autovacuum,
         } => {
             let patch = crate::control::Overrides {
                 batch_size,
                 sleep_ms: sleep.map(|s| s.as_millis() as u64),
                 max_rows_per_sec,
                 paused: (pause || unpause).then_some(pause),
+                max_slot_lag,
+                slots: slots.map(|s| s.0),
+                ignore_inactive_slots,
+                max_wal_rate,
+                pause_on_autovacuum,
             };
             with_runtime(&g, plain(false, false), move |cx| async move {
-                commands::throttle(&cx, &plan, step.as_deref(), &patch).await
+                commands::throttle(&cx, &plan, step.as_deref(), &patch, clear).await
             })
         }
         Command::Status {

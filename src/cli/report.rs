@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::output::{self, Line};
+use crate::duration::human;
 use crate::engine::{BackfillProgress, Reporter, StepEnd, StepStart};
 
 /// Width of the drawn part of a bar.
@@ -247,42 +248,22 @@ fn term_width() -> usize {
     }
 }
 
-/// `2h23m`, `4m12s`, `42s`, `0.4s`: a duration as an operator reads it.
-pub fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else if s >= 10 {
-        format!("{s}s")
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
-    }
-}
-
 /// What a bar says while it runs: why it is held, or its rate, batch and ETA.
 fn live_text(p: &BackfillProgress) -> String {
-    if let Some(why) = &p.throttled {
-        return format!("held: {why}");
+    if p.held {
+        return format!("held: {}", p.throttled.as_deref().unwrap_or("throttled"));
     }
     let mut s = format!("{:.0} rows/s, batch {}", p.rows_per_sec, p.batch_size);
-    if let Some(eta) = eta(p) {
+    if let Some(eta) = p.eta {
         s.push_str(&format!(", ETA {}", human(eta)));
     }
     if p.workers > 1 {
         s.push_str(&format!(", {} workers", p.workers));
     }
-    s
-}
-
-fn eta(p: &BackfillProgress) -> Option<Duration> {
-    match p.rows_total {
-        Some(t) if p.rows_per_sec > 0.0 && t > p.rows_done => {
-            Duration::try_from_secs_f64((t - p.rows_done) as f64 / p.rows_per_sec).ok()
-        }
-        _ => None,
+    if let Some(why) = &p.throttled {
+        s.push_str(&format!(", throttled: {why}"));
     }
+    s
 }
 
 /// `1000/~200000 rows, 47275 rows/s, batch 1500, ETA 4.2s` (or why it is held).
@@ -438,8 +419,9 @@ impl Reporter for Terminal {
             .field("rows_per_sec", p.rows_per_sec.round())
             .field("batch_size", p.batch_size)
             .field("workers", p.workers)
-            .field("eta_secs", eta(p).map(|d| d.as_secs()))
-            .field("held", &p.throttled)
+            .field("eta_secs", p.eta.map(|d| d.as_secs()))
+            .field("held", p.held)
+            .field("throttled", &p.throttled)
             .emit();
     }
 
@@ -465,6 +447,8 @@ mod tests {
             rows_per_sec: 100.0,
             batch_size: 1000,
             throttled: None,
+            held: false,
+            eta: None,
         }
     }
 
@@ -488,17 +472,10 @@ mod tests {
     }
 
     #[test]
-    fn durations_read_like_an_operator_writes_them() {
-        assert_eq!(human(Duration::from_secs(2 * 3600 + 23 * 60 + 5)), "2h23m");
-        assert_eq!(human(Duration::from_secs(252)), "4m12s");
-        assert_eq!(human(Duration::from_secs(42)), "42s");
-        assert_eq!(human(Duration::from_millis(420)), "0.4s");
-    }
-
-    #[test]
     fn a_held_bar_gives_the_reason_not_a_rate() {
         let mut p = progress(10, Some(100));
         p.throttled = Some("paused by operator".into());
+        p.held = true;
         assert_eq!(live_text(&p), "held: paused by operator");
     }
 

@@ -192,10 +192,34 @@ fn plan_status(s: &Shown) -> &'static str {
     }
 }
 
-/// Rows per second over the step's run so far (none while paused: it is not moving).
+/// A running backfill's own report: current rate, ETA, batch size, and why it is throttled.
+fn live_line(l: &crate::control::LiveProgress) -> String {
+    let mut out = format!("{:.0} rows/s, batch {}", l.rows_per_sec, l.batch_size);
+    if let Some(e) = l.eta_secs {
+        out.push_str(&format!(
+            ", ETA {}",
+            crate::duration::human(std::time::Duration::from_secs(e))
+        ));
+    }
+    match (&l.throttled, l.held) {
+        (Some(t), true) => out.push_str(&format!(", held: {t}")),
+        (Some(t), false) => out.push_str(&format!(", throttled: {t}")),
+        _ => {}
+    }
+    out
+}
+
+/// Rows per second: a running backfill's rate over the last seconds (the
+/// average since the start is wrong for a run that was paused or throttled),
+/// none while paused (it is not moving), else the average of its run.
 fn rate(s: &StepRow, alive: bool) -> Option<f64> {
     if is_paused(s, alive) {
         return None;
+    }
+    if s.status == Status::Running
+        && let Some(l) = &s.progress
+    {
+        return Some(l.rows_per_sec);
     }
     match s.duration_secs {
         Some(d) if d > 0.0 && s.rows_done > 0 => Some(s.rows_done as f64 / d),
@@ -413,8 +437,15 @@ fn print_step(s: &StepRow, alive: bool, plan: &str) {
             println!("        {l}");
         }
     }
+    if let Some(live) = s.progress.as_ref().filter(|_| s.status == Status::Running) {
+        println!("      now: {}", live_line(live));
+    }
     if !s.overrides.is_empty() {
-        println!("      operator overrides: {}", s.overrides.to_json());
+        println!(
+            "      live overrides (pgshift throttle; they win over the plan and earlier flags): {}; clear with `{}`",
+            s.overrides.describe(),
+            hint::command(&format!("throttle {plan} --clear"))
+        );
     }
 }
 
@@ -523,6 +554,7 @@ fn plan_json(s: &Shown) -> Json {
             "last_sqlstate": st.last_sqlstate,
             "checkpoint": st.checkpoint,
             "overrides": st.overrides,
+            "progress": st.progress,
         })).collect::<Vec<_>>(),
     });
     s.extra.add_to(&mut v);

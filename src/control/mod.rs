@@ -5,6 +5,7 @@
 //! `succeeded` mark is written inside the step's own transaction, so the record
 //! and the change commit together or not at all.
 
+mod migrate;
 pub mod types;
 
 use serde_json::Value as Json;
@@ -12,10 +13,11 @@ use tokio_postgres::{Client, GenericClient, Row};
 
 use crate::db::Error;
 use crate::ident::quote_ident;
-pub use types::{Checkpoint, Event, Overrides, Status, StepSnapshot};
+pub use types::{Checkpoint, Event, LiveProgress, Overrides, Status, StepSnapshot};
 
-/// The version of `schema.sql`; bump it with a migration when the tables change.
-pub const SCHEMA_VERSION: i32 = 1;
+/// The version of the control schema this pgshift writes: `schema.sql` (version 1)
+/// and then every migration of `migrate.rs`; bump it with a migration when the tables change.
+pub const SCHEMA_VERSION: i32 = migrate::CURRENT;
 
 const SCHEMA_SQL: &str = include_str!("schema.sql");
 
@@ -80,6 +82,8 @@ pub struct StepRow {
     pub rows_done: i64,
     pub rows_total: Option<i64>,
     pub overrides: Overrides,
+    /// A backfill's own report (rate, ETA, throttle reason), as its coordinator last wrote it.
+    pub progress: Option<LiveProgress>,
 }
 
 impl Control {
@@ -117,7 +121,7 @@ impl Control {
             .map_err(|e| self.no_usage(e))?
             .get(0);
         if exists {
-            self.check_version(client).await?;
+            self.upgrade(client).await?;
         }
         Ok(exists)
     }
@@ -143,7 +147,7 @@ impl Control {
             .map_err(|e| self.no_usage(e))?
             .get(0);
         if exists {
-            return self.check_version(client).await;
+            return self.upgrade(client).await;
         }
         let tx = client.transaction().await?;
         tx.execute(
@@ -168,12 +172,17 @@ impl Control {
             .get(0);
         if created {
             tx.commit().await?;
-            return self.check_version(client).await;
+            return self.upgrade(client).await;
         }
-        let script = self
+        // The version 1 baseline, then every migration: a new schema takes the same
+        // path as an upgraded one, so the migrations run on every fresh install too.
+        let mut script = self
             .sql(SCHEMA_SQL)
             .replace("__STATUSES__", &Status::sql_list())
             .replace("__RUNNING__", Status::Running.as_str());
+        for (_, m) in migrate::MIGRATIONS {
+            script.push_str(&self.sql(m));
+        }
         tx.batch_execute(&script).await.map_err(|e| {
             let err = Error::from(e);
             match err.sqlstate() {
@@ -185,7 +194,7 @@ impl Control {
             }
         })?;
         tx.commit().await?;
-        self.check_version(client).await
+        self.upgrade(client).await
     }
 
     /// A permission error on the schema itself (it exists, owned by another role,
@@ -200,32 +209,6 @@ impl Control {
             s = self.schema,
             q = self.quoted
         ))
-    }
-
-    async fn check_version(&self, client: &Client) -> Result<(), Error> {
-        let v: Option<String> = client
-            .query_opt(&self.sql("SELECT value FROM __SCHEMA__.meta WHERE key = 'schema_version'"), &[])
-            .await
-            .map_err(|e| {
-                let err = Error::from(e);
-                if err.sqlstate() == Some("42501") {
-                    Error::Refused(format!("cannot read the control schema `{}`: {err}. The role needs USAGE on the schema and SELECT/INSERT/UPDATE on its tables (usually: make it the owner)", self.schema))
-                } else {
-                    err
-                }
-            })?
-            .map(|r| r.get(0));
-        match v.as_deref().map(str::parse::<i32>) {
-            Some(Ok(SCHEMA_VERSION)) => Ok(()),
-            Some(Ok(n)) if n > SCHEMA_VERSION => Err(Error::Refused(format!(
-                "the control schema `{}` has version {n}, newer than this pgshift understands ({SCHEMA_VERSION}); upgrade pgshift",
-                self.schema
-            ))),
-            _ => Err(Error::Refused(format!(
-                "the control schema `{}` has no readable version; it was not created by pgshift",
-                self.schema
-            ))),
-        }
     }
 
     /// Appends an event to the log.
@@ -349,10 +332,15 @@ impl Control {
         let rows = c
             .query(
                 &self.sql(
-                    "SELECT position, phase, name, kind, status, attempts, started_at::text, finished_at::text,
-                            extract(epoch FROM coalesce(finished_at, CASE WHEN status = $2 THEN now() END) - started_at)::float8,
-                            last_error, last_sqlstate, checkpoint, rows_done, rows_total, overrides
-                     FROM __SCHEMA__.steps WHERE plan_id = $1 AND position >= 0 ORDER BY position",
+                    // A backfill's rows done are derived from its ranges (each batch commits
+                    // its own range's count); the step row's copy lags by up to a second.
+                    "SELECT s.position, s.phase, s.name, s.kind, s.status, s.attempts, s.started_at::text, s.finished_at::text,
+                            extract(epoch FROM coalesce(s.finished_at, CASE WHEN s.status = $2 THEN now() END) - s.started_at)::float8,
+                            s.last_error, s.last_sqlstate, s.checkpoint,
+                            coalesce((SELECT sum(r.rows_done)::int8 FROM __SCHEMA__.backfill_ranges r
+                                      WHERE r.plan_id = s.plan_id AND r.step = s.name), s.rows_done),
+                            s.rows_total, s.overrides, s.progress
+                     FROM __SCHEMA__.steps s WHERE s.plan_id = $1 AND s.position >= 0 ORDER BY s.position",
                 ),
                 &[&plan, &Status::Running.as_str()],
             )
@@ -375,6 +363,9 @@ impl Control {
                 rows_done: r.get(12),
                 rows_total: r.get(13),
                 overrides: Overrides::from_json(&r.get::<_, Json>(14)),
+                progress: r
+                    .get::<_, Option<Json>>(15)
+                    .and_then(|p| serde_json::from_value(p).ok()),
             })
             .collect())
     }
@@ -625,6 +616,49 @@ impl Control {
             )
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Replaces the overrides of the plan's backfill steps (all, or `step`) with
+    /// `kept`; returns the overrides that were there before, per step.
+    pub async fn replace_overrides(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        step: Option<&str>,
+        edit: impl Fn(&Overrides) -> Overrides,
+    ) -> Result<Vec<(String, Overrides)>, Error> {
+        let rows = c
+            .query(
+                &self.sql("SELECT name, overrides FROM __SCHEMA__.steps WHERE plan_id = $1 AND kind = 'backfill' AND ($2::text IS NULL OR name = $2) ORDER BY position FOR UPDATE"),
+                &[&plan, &step],
+            )
+            .await?;
+        let mut before = Vec::new();
+        for r in rows {
+            let name: String = r.get(0);
+            let old = Overrides::from_json(&r.get::<_, Json>(1));
+            let new = edit(&old);
+            if new != old {
+                c.execute(
+                    &self.sql("UPDATE __SCHEMA__.steps SET overrides = $3 WHERE plan_id = $1 AND name = $2"),
+                    &[&plan, &name, &new.to_json()],
+                )
+                .await?;
+            }
+            before.push((name, old));
+        }
+        Ok(before)
+    }
+
+    /// Takes the next run epoch of a registered plan (see `migrate_2.sql`).
+    pub async fn take_epoch(&self, c: &impl GenericClient, plan: &str) -> Result<i64, Error> {
+        Ok(c
+            .query_one(
+                &self.sql("UPDATE __SCHEMA__.plans SET run_epoch = run_epoch + 1 WHERE id = $1 RETURNING run_epoch"),
+                &[&plan],
+            )
+            .await?
+            .get(0))
     }
 
     /// Events of a plan, oldest first.

@@ -1,4 +1,5 @@
--- pgshift's control schema, version 1. Created on first use, idempotently.
+-- pgshift's control schema as version 1 created it (the baseline; `migrate_N.sql`
+-- bring it to the current version). Created on first use, idempotently.
 -- `__SCHEMA__` is replaced by the quoted control schema name, `__STATUSES__`
 -- and `__RUNNING__` by the statuses of `types.rs` (their one home).
 -- A transaction-scoped advisory lock (taken by the caller) serialises two

@@ -91,8 +91,14 @@ impl<'a> FromSql<'a> for Status {
 }
 
 /// The operator's live overrides of a running backfill (`pgshift throttle`),
-/// stored in `steps.overrides` and read by the backfill before each batch.
+/// stored in `steps.overrides`. Every batch statement reads them (batch size and
+/// pause take effect in the very batch that reads them; the rest right after it).
 /// A field left out is not overridden; a patch merges into what is stored.
+///
+/// Precedence, lowest first: the plan, the flags of `pgshift backfill` (which
+/// remove a stored override of the same setting when the run starts: the newer
+/// instruction wins), then `pgshift throttle` during the run. `throttle --clear`
+/// removes them all.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Overrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +110,19 @@ pub struct Overrides {
     pub max_rows_per_sec: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<bool>,
+    /// Bytes; `0` lifts the plan's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_slot_lag: Option<u64>,
+    /// The slots `max_slot_lag` watches; empty: every logical slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_inactive_slots: Option<bool>,
+    /// Bytes of WAL per second; `0` lifts the plan's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wal_rate: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_on_autovacuum: Option<bool>,
 }
 
 impl Overrides {
@@ -119,6 +138,107 @@ impl Overrides {
     pub fn to_json(&self) -> Json {
         serde_json::to_value(self).unwrap_or_else(|_| Json::Object(Default::default()))
     }
+
+    /// The overrides in words, for `status` and messages: `batch size 500, paused`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(n) = self.batch_size {
+            parts.push(format!("batch size {n}"));
+        }
+        if let Some(ms) = self.sleep_ms {
+            parts.push(format!(
+                "sleep {}",
+                crate::duration::format(std::time::Duration::from_millis(ms))
+            ));
+        }
+        match self.max_rows_per_sec {
+            Some(0) => parts.push("no rows/s cap".into()),
+            Some(n) => parts.push(format!("at most {n} rows/s")),
+            None => {}
+        }
+        match self.max_slot_lag {
+            Some(0) => parts.push("no slot lag limit".into()),
+            Some(b) => parts.push(format!("max slot lag {}", crate::bytes::format(b))),
+            None => {}
+        }
+        match self.slots.as_deref() {
+            Some([]) => parts.push("every logical slot".into()),
+            Some(s) => parts.push(format!("slots {}", s.join(", "))),
+            None => {}
+        }
+        if let Some(i) = self.ignore_inactive_slots {
+            parts.push(format!("ignore inactive slots: {}", on_off(i)));
+        }
+        match self.max_wal_rate {
+            Some(0) => parts.push("no WAL rate limit".into()),
+            Some(b) => parts.push(format!("max WAL rate {}/s", crate::bytes::format(b))),
+            None => {}
+        }
+        if let Some(a) = self.pause_on_autovacuum {
+            parts.push(format!(
+                "pause on anti-wraparound autovacuum: {}",
+                on_off(a)
+            ));
+        }
+        match self.paused {
+            Some(true) => parts.push("paused".into()),
+            Some(false) => parts.push("not paused".into()),
+            None => {}
+        }
+        parts.join(", ")
+    }
+
+    /// These overrides without the settings that `cli` sets (the flags of `pgshift
+    /// backfill`), and the part removed.
+    pub fn without(&self, cli: &Overrides) -> (Overrides, Overrides) {
+        let mut kept = self.clone();
+        let mut removed = Overrides::default();
+        macro_rules! take {
+            ($($f:ident),*) => {$(
+                if cli.$f.is_some() && kept.$f.is_some() {
+                    removed.$f = kept.$f.take();
+                }
+            )*};
+        }
+        take!(
+            batch_size,
+            sleep_ms,
+            max_rows_per_sec,
+            paused,
+            max_slot_lag,
+            slots,
+            ignore_inactive_slots,
+            max_wal_rate,
+            pause_on_autovacuum
+        );
+        (kept, removed)
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+/// What a running backfill says about itself (`steps.progress`), written by its
+/// coordinator about once a second and read by `status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveProgress {
+    /// Rows per second over the last few seconds (not since the start).
+    pub rows_per_sec: f64,
+    /// Time left at the current rate, never faster than the rows/s cap allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<u64>,
+    pub batch_size: u32,
+    pub workers: u32,
+    /// Why it is slowed or held right now, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttled: Option<String>,
+    /// No batch runs until `throttled` clears (paused, or a signal holds it).
+    #[serde(default)]
+    pub held: bool,
+    /// When the coordinator wrote this (the server's clock), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 /// What a backfill step records when it fixes its key range (`steps.checkpoint`).
@@ -317,12 +437,15 @@ pub enum Event {
         batch_size: u32,
         next_batch_size: u32,
     },
+    /// The backfill is held (version 1 recorded the worker; a step's signals now hold every worker).
     ThrottleHold {
-        worker: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        worker: Option<i32>,
         reason: String,
     },
     ThrottleReleased {
-        worker: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        worker: Option<i32>,
         was: String,
     },
     VerifyFailed {
@@ -331,6 +454,40 @@ pub enum Event {
     BackfillFinished {
         rows_done: u64,
         verified_missed: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rows_updated: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        verify_ms: Option<u64>,
+    },
+    /// A runner took the plan's lock; its batches carry this epoch.
+    LockTaken {
+        epoch: i64,
+        runner: String,
+    },
+    /// This run took over a backfill's ranges from an earlier run (`previous` epoch).
+    BackfillClaimed {
+        epoch: i64,
+        previous: i64,
+    },
+    /// A worker found that a newer run owns its range (or the plan): it applied nothing more.
+    BackfillFenced {
+        worker: i32,
+        epoch: i64,
+    },
+    /// `pgshift throttle --clear` removed these overrides.
+    OverridesCleared {
+        cleared: Overrides,
+        by: String,
+    },
+    /// Flags of `pgshift backfill` replaced these live overrides, set earlier.
+    OverridesSuperseded {
+        replaced: Overrides,
+        by: String,
+    },
+    /// `--workers` was given for a step whose ranges were fixed with another count.
+    WorkersUnchanged {
+        requested: u32,
+        fixed: u32,
     },
     /// The catalog facts the plan's operations were expanded with (read at its first run).
     CatalogRead {

@@ -92,6 +92,16 @@ pub enum Error {
         missed: i64,
         what: String,
     },
+    /// The runner no longer holds the plan's lock: its lock connection is gone, or
+    /// another runner took the plan over (a newer run epoch). Nothing more was applied.
+    #[error(
+        "lost the lock of plan `{plan}` during step `{step}` ({why}); this runner applied no further batch"
+    )]
+    LockLost {
+        plan: String,
+        step: String,
+        why: String,
+    },
     /// The backfill's key cannot drive keyset batches.
     #[error("step `{step}` failed: {reason}")]
     UnusableKey { step: String, reason: String },
@@ -193,6 +203,7 @@ impl Error {
             | Error::CheckFalse { step, .. }
             | Error::CheckShape { step, .. }
             | Error::VerifyFailed { step, .. }
+            | Error::LockLost { step, .. }
             | Error::UnusableKey { step, .. }
             | Error::NoRollback { step, .. }
             | Error::RollbackStopped { step, .. }
@@ -208,9 +219,10 @@ impl Error {
     }
 
     /// True when the connection to the server was lost (a reconnect may cure it).
+    /// A lost plan lock counts: the runner re-takes the lock, or finds who holds it.
     pub fn is_connection_lost(&self) -> bool {
         match self {
-            Error::ConnectionLost { .. } => true,
+            Error::ConnectionLost { .. } | Error::LockLost { .. } => true,
             Error::Db(e) | Error::Database { source: e, .. } => e.is_connection_lost(),
             _ => false,
         }
@@ -222,9 +234,10 @@ impl ExitStatus for Error {
         match self {
             Error::LockHeld { .. } => Exit::Locked,
             Error::PlanChanged { .. } => Exit::PlanChanged,
-            Error::Cancelled { .. } | Error::Gate { .. } | Error::ConnectionLost { .. } => {
-                Exit::Resumable
-            }
+            Error::Cancelled { .. }
+            | Error::Gate { .. }
+            | Error::ConnectionLost { .. }
+            | Error::LockLost { .. } => Exit::Resumable,
             Error::Database { .. }
             | Error::RetriesExhausted { .. }
             | Error::Reconnects { .. }

@@ -77,12 +77,20 @@ pub struct BackfillOverrides {
 pub struct BackfillProgress {
     pub worker: u32,
     pub workers: u32,
+    /// The step's rows done (all workers).
     pub rows_done: u64,
     pub rows_total: Option<u64>,
+    /// The step's rate over the last few seconds (not an average since the start).
     pub rows_per_sec: f64,
     pub batch_size: u32,
-    /// Why the backfill is slowed or paused right now, if it is.
+    /// Why the backfill is slowed or paused right now, if it is (the rows/s cap,
+    /// the WAL rate, a signal, the operator's pause).
     pub throttled: Option<String>,
+    /// True when no batch runs until `throttled` clears; false when it only slows.
+    pub held: bool,
+    /// Time left: rows left at the current rate, never sooner than the rows/s cap
+    /// allows; `None` while held or before the rate is known.
+    pub eta: Option<Duration>,
 }
 
 /// A step (or its undo) begins: what the reporter needs to attribute what follows.
@@ -178,6 +186,15 @@ impl Default for Options {
     }
 }
 
+/// What fences a runner: the epoch it took with the plan's lock (every backfill
+/// batch checks it inside its own statement) and a token cancelled when the
+/// connection that holds the lock is gone.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub epoch: i64,
+    pub lost: CancellationToken,
+}
+
 /// One step as its kind's code sees it: the run's context, the plan and step it
 /// belongs to, and the limits it runs under. The runner builds it from the plan.
 #[derive(Clone)]
@@ -193,6 +210,8 @@ pub struct StepCx {
     pub retries: u32,
     /// The step's status before this run reached it (`failed` after a failure, …).
     pub previous: Status,
+    /// The runner's fence; `None` when the step runs without the runner (tests).
+    pub fence: Option<Fence>,
 }
 
 impl StepCx {

@@ -344,6 +344,7 @@ mod tests {
             rows_done: 0,
             rows_total: None,
             overrides: Default::default(),
+            progress: None,
         }
     }
 

@@ -6,19 +6,26 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::control::Event;
 use crate::db;
-use crate::engine::{Context, Error};
+use crate::engine::{Context, Error, Fence};
 
 /// The held lock of one plan on its dedicated connection; released explicitly on every path.
 pub struct Held {
     pub conn: Client,
     pub plan: String,
+    /// Cancelled when `conn` is gone, and with it the lock.
+    pub lost: CancellationToken,
+    /// The run epoch taken with the lock ([`Held::take_epoch`]); 0 before.
+    pub epoch: i64,
 }
 
 /// Opens the lock connection, creates the control schema, takes the plan's lock.
 pub async fn lock(cx: &Context, plan_id: &str) -> Result<Held, Error> {
     cx.target.check_not_transaction_pooler()?;
-    let mut conn = db::connect(&cx.target).await?;
+    let (mut conn, lost) = db::connect_watched(&cx.target).await?;
     check_session_pooler(&conn).await?;
     cx.control.ensure(&mut conn).await?;
     if !cx.control.try_lock(&conn, plan_id).await? {
@@ -51,6 +58,8 @@ pub async fn lock(cx: &Context, plan_id: &str) -> Result<Held, Error> {
     Ok(Held {
         conn,
         plan: plan_id.to_string(),
+        lost,
+        epoch: 0,
     })
 }
 
@@ -75,6 +84,28 @@ async fn check_session_pooler(conn: &Client) -> Result<(), Error> {
 }
 
 impl Held {
+    /// Takes a new run epoch for the plan (once it is registered) and records it:
+    /// from this commit on, any batch of an earlier run applies nothing.
+    pub async fn take_epoch(&mut self, cx: &Context, runner: &str) -> Result<(), Error> {
+        self.epoch = cx.control.take_epoch(&self.conn, &self.plan).await?;
+        let taken = Event::LockTaken {
+            epoch: self.epoch,
+            runner: runner.to_string(),
+        };
+        cx.control
+            .event(&self.conn, &self.plan, None, &taken)
+            .await?;
+        Ok(())
+    }
+
+    /// What the steps of this run check to know it still owns the plan.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            epoch: self.epoch,
+            lost: self.lost.clone(),
+        }
+    }
+
     pub async fn release(self, cx: &Context) {
         let _ = cx.control.set_runner(&self.conn, &self.plan, None).await;
         let _ = cx.control.unlock(&self.conn, &self.plan).await;

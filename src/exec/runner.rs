@@ -11,7 +11,7 @@ use super::hooks::{self, Notice};
 use super::lock::{Held, lock, relock};
 use crate::control::{Event, PlanRecord, Status, StepRecord, StepRow};
 use crate::db;
-use crate::engine::{Context, Error, Outcome, StepCx, StepEnd, StepStart, whoami};
+use crate::engine::{Context, Error, Fence, Outcome, StepCx, StepEnd, StepStart, whoami};
 use crate::exit::ExitStatus;
 use crate::plan::{Phase, Plan, Step};
 
@@ -62,6 +62,7 @@ pub fn step_cx(cx: &Context, plan: &Plan, step: &Step, previous: Status) -> Step
         statement_timeout: step.statement_timeout,
         retries: step.retries,
         previous,
+        fence: None,
     }
 }
 
@@ -136,7 +137,9 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
 async fn stopped(cx: &Context, plan: &Plan, held: &Held, e: &Error) {
     let status = match e {
         Error::Gate { .. } => Some(Status::Waiting),
-        Error::Cancelled { .. } | Error::ConnectionLost { .. } => Some(Status::Interrupted),
+        Error::Cancelled { .. } | Error::ConnectionLost { .. } | Error::LockLost { .. } => {
+            Some(Status::Interrupted)
+        }
         e if e.is_step_failure() => Some(Status::Failed),
         _ => None,
     };
@@ -188,6 +191,7 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
     cx.control
         .set_runner(&held.conn, &plan.id, Some(&runner))
         .await?;
+    held.take_epoch(cx, &runner).await?;
     let rows: HashMap<String, StepRow> = cx
         .control
         .steps(&held.conn, &plan.id)
@@ -277,7 +281,8 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
         if pass_gate {
             gate_passable = false;
         }
-        run_step(cx, plan, step, pass_gate, rows.get(&step.name)).await?;
+        let fence = held.fence();
+        run_step(cx, plan, step, pass_gate, rows.get(&step.name), fence).await?;
     }
     finish_run(cx, plan, mode, held, phase).await
 }
@@ -351,9 +356,11 @@ async fn run_step(
     step: &Step,
     pass_gate: bool,
     row: Option<&StepRow>,
+    fence: Fence,
 ) -> Result<(), Error> {
     let previous = row.map(|r| r.status).unwrap_or(Status::Pending);
-    let sx = step_cx(cx, plan, step, previous);
+    let mut sx = step_cx(cx, plan, step, previous);
+    sx.fence = Some(fence);
     {
         let c = db::get(&cx.pool, &cx.target).await?;
         cx.control.step_running(&**c, &plan.id, &step.name).await?;
@@ -456,7 +463,13 @@ async fn run_step(
 }
 
 /// Records a step that failed (or was cut off) with its error and SQLSTATE.
+///
+/// Not when the runner lost the plan's lock: the step may already belong to the
+/// runner that took the plan over, and this one must write nothing more about it.
 async fn failed(sx: &StepCx, c: &impl tokio_postgres::GenericClient, e: &Error) {
+    if matches!(e, Error::LockLost { .. }) {
+        return;
+    }
     let (msg, state) = match e {
         Error::Database { source, .. } | Error::ConnectionLost { source, .. } => {
             (source.to_string(), source.sqlstate().map(str::to_string))
@@ -464,7 +477,9 @@ async fn failed(sx: &StepCx, c: &impl tokio_postgres::GenericClient, e: &Error) 
         other => (other.to_string(), None),
     };
     let status = match e {
-        Error::ConnectionLost { .. } | Error::Cancelled { .. } => Status::Interrupted,
+        Error::ConnectionLost { .. } | Error::Cancelled { .. } | Error::LockLost { .. } => {
+            Status::Interrupted
+        }
         _ => Status::Failed,
     };
     let control = &sx.cx.control;

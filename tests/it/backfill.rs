@@ -38,7 +38,8 @@ impl Reporter for Recorder {
     fn lock_done(&self, _: &str) {}
     fn backfill(&self, _: &str, p: &BackfillProgress) {
         self.progress.lock().unwrap().push(p.clone());
-        if p.throttled.is_some() {
+        // A report while held is not a batch (a rate-capped batch is).
+        if p.held {
             return;
         }
         let n = self.batches.fetch_add(1, Ordering::SeqCst) + 1;
@@ -64,7 +65,7 @@ impl Recorder {
             .lock()
             .unwrap()
             .iter()
-            .filter(|p| p.throttled.is_none())
+            .filter(|p| !p.held)
             .map(|p| p.batch_size)
             .collect()
     }
@@ -81,7 +82,7 @@ pub(crate) fn plan(body: &str) -> Plan {
 }
 
 /// Creates the control schema and registers the plan.
-async fn register(db: &TestDb, plan: &Plan) {
+pub(crate) async fn register(db: &TestDb, plan: &Plan) {
     let mut c = connect(&db.url).await;
     let control = Control::new("pgshift");
     control.ensure(&mut c).await.unwrap();

@@ -175,7 +175,9 @@ async fn throttle_command_validates_and_records_its_change() {
     );
 }
 
-/// The backfill's committed rows, 0 before the control schema exists.
+/// The backfill's committed rows (its ranges commit with every batch; the
+/// step's own count is refreshed about once a second), 0 before the control
+/// schema exists.
 async fn rows_done(db: &TestDb) -> i64 {
     let has_control = db
         .scalar_i64("SELECT (to_regclass('pgshift.steps') IS NOT NULL)::int::bigint")
@@ -184,8 +186,10 @@ async fn rows_done(db: &TestDb) -> i64 {
     if !has_control {
         return 0;
     }
-    db.scalar_i64("SELECT coalesce((SELECT rows_done FROM pgshift.steps WHERE name = 'fill_h'), 0)")
-        .await
+    db.scalar_i64(
+        "SELECT coalesce(sum(rows_done), 0)::bigint FROM pgshift.backfill_ranges WHERE step = 'fill_h'",
+    )
+    .await
 }
 
 /// Kill -9 the runner at random batches, 20 times, resuming after each: every row

@@ -74,6 +74,11 @@ impl Cluster {
 
     /// initdb + start a primary that allows streaming replication.
     pub fn primary(name: &str) -> Cluster {
+        Cluster::primary_with(name, "")
+    }
+
+    /// A primary with `conf` added to its settings (`wal_level = logical`, …).
+    pub fn primary_with(name: &str, conf: &str) -> Cluster {
         let c = Cluster::new(name);
         let data = c.data();
         c.tool(
@@ -82,7 +87,7 @@ impl Cluster {
         );
         std::fs::write(
             data.join("postgresql.auto.conf"),
-            "wal_level = replica\nmax_wal_senders = 5\nfsync = off\nlisten_addresses = '127.0.0.1'\n",
+            format!("wal_level = replica\nmax_wal_senders = 5\nfsync = off\nlisten_addresses = '127.0.0.1'\n{conf}\n"),
         )
         .unwrap();
         std::fs::OpenOptions::new()

@@ -1016,11 +1016,13 @@ phases:
         table: {t}
         set: \"v = md5(src), n = n + 1\"
         batch_size: 200
-        throttle: {{ sleep: 5ms }}
+        throttle: {{ sleep: 20ms }}
 "
             ),
         )
     };
+    // 100 batches, each followed by 20 ms of sleep: each backfill lasts at least
+    // two seconds, however fast the machine, so the two overlap.
     let (pa, pb) = (plan_for("a"), plan_for("b"));
     let ca = spawn(&db, &["plan", "apply", pa.to_str().unwrap()]);
     let cb = spawn(&db, &["plan", "apply", pb.to_str().unwrap()]);
@@ -1028,14 +1030,15 @@ phases:
     // Both in their backfills with rows done, at the same moment.
     wait_until(
         &db,
-        "SELECT count(*) = 2 FROM pgshift.steps WHERE name = 'fill_v' AND status = 'running' AND rows_done > 0",
+        "SELECT count(*) = 2 FROM pgshift.steps s WHERE name = 'fill_v' AND status = 'running'
+           AND (SELECT sum(r.rows_done) FROM pgshift.backfill_ranges r WHERE r.plan_id = s.plan_id) > 0",
         Duration::from_secs(60),
     )
     .await;
     let both: Vec<(String, i64)> = db
         .client
         .query(
-            "SELECT plan_id, rows_done FROM pgshift.steps WHERE name = 'fill_v' ORDER BY plan_id",
+            "SELECT plan_id, sum(rows_done)::bigint FROM pgshift.backfill_ranges WHERE step = 'fill_v' GROUP BY plan_id ORDER BY plan_id",
             &[],
         )
         .await

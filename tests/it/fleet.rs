@@ -555,7 +555,9 @@ async fn kill_9_of_the_fleet_runner_then_resume_ends_every_target_right_with_no_
         for d in &dbs[1..] {
             if plan_status(&d.client, "pgshift", "fleet_kill").await.is_some()
                 && d.scalar_i64(
-                    "SELECT count(*) FROM pgshift.steps WHERE name = 'fill_v' AND status = 'running' AND rows_done >= 40",
+                    "SELECT count(*) FROM pgshift.steps s WHERE name = 'fill_v' AND status = 'running'
+                       AND (SELECT coalesce(sum(r.rows_done), 0) FROM pgshift.backfill_ranges r
+                            WHERE r.plan_id = s.plan_id AND r.step = s.name) >= 40",
                 )
                 .await
                     > 0
@@ -661,7 +663,9 @@ async fn sigterm_stops_every_target_resumably_and_resume_continues() {
         for d in &dbs {
             if plan_status(&d.client, "pgshift", "fleet_term").await.is_some()
                 && d.scalar_i64(
-                    "SELECT count(*) FROM pgshift.steps WHERE name = 'fill_v' AND status = 'running' AND rows_done >= 40",
+                    "SELECT count(*) FROM pgshift.steps s WHERE name = 'fill_v' AND status = 'running'
+                       AND (SELECT coalesce(sum(r.rows_done), 0) FROM pgshift.backfill_ranges r
+                            WHERE r.plan_id = s.plan_id AND r.step = s.name) >= 40",
                 )
                 .await
                     > 0

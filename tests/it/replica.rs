@@ -49,8 +49,15 @@ async fn i64_of(c: &Client, sql: &str) -> i64 {
         .get(0)
 }
 
+/// Rows done as the batches committed them: each batch commits its own range's
+/// count (`steps.rows_done` is the coordinator's copy, written about once a second,
+/// and stale when the server went away before it could write it).
 async fn rows_done(c: &Client) -> i64 {
-    i64_of(c, "SELECT rows_done FROM pgshift.steps WHERE name = 'fill'").await
+    i64_of(
+        c,
+        "SELECT coalesce(sum(rows_done), 0)::int8 FROM pgshift.backfill_ranges WHERE step = 'fill'",
+    )
+    .await
 }
 
 /// Every row updated exactly once, to the right value.

@@ -1,11 +1,23 @@
-//! One batch: the statement that updates the next key range and records its
-//! checkpoint, and the two round trips that run it in one transaction.
+//! One batch: the statement that updates the next key range, advances the
+//! worker's checkpoint, counts, and reads the operator's live overrides, all in
+//! one statement that is its own transaction: one round trip per batch.
 //!
 //! The statement reads the worker's checkpoint (`backfill_ranges.last_key`)
 //! itself, under `FOR UPDATE`, instead of receiving it from the caller. Whatever
 //! the runner believes after a lost connection or a crash, a batch always
 //! starts right after the last committed one: a replay is impossible by
 //! construction, not by bookkeeping.
+//!
+//! Fencing: the statement applies nothing unless the plan's run epoch is still
+//! the caller's (`plans.run_epoch`, bumped by every runner that takes the plan's
+//! lock) and the worker's range is still owned by that epoch
+//! (`backfill_ranges.epoch`, claimed under the row lock when a run starts the
+//! step). A runner that lost the plan to another one therefore applies no
+//! further batch, even one it sends after losing the lock.
+//!
+//! The live overrides are read by the statement too: a batch that starts after
+//! `pgshift throttle --pause` commits applies nothing, and one that starts after
+//! `--batch-size N` commits is N keys long.
 //!
 //! Key encoding: a key travels as a jsonb object `{"column": value, …}` built
 //! with `jsonb_build_object` (so `to_jsonb` of each value: numbers stay exact
@@ -18,9 +30,10 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use super::{BackfillSet, BackfillSpec};
+use crate::control::Overrides;
 use crate::db;
 use crate::ident::{Ident, quote_literal};
 
@@ -33,9 +46,12 @@ pub enum Bound {
     AfterCheckpoint,
 }
 
-/// `("a", "b")`: the key columns as a row (parentheses around one column are harmless).
-fn key_row(key: &[Ident]) -> String {
-    format!("({})", list(key, |k| k.quoted()))
+/// The key a batch walks: its columns, and whether a unique index makes it unique
+/// (then a full batch of N keys is exactly N rows, and the batch need not count them).
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub cols: Vec<Ident>,
+    pub unique: bool,
 }
 
 fn list(key: &[Ident], f: impl Fn(&Ident) -> String) -> String {
@@ -100,21 +116,26 @@ fn set_parts(set: &BackfillSet) -> (String, Option<String>) {
 /// the text afterwards: the text holds the plan's own expressions, which may
 /// contain anything.
 ///
-/// Parameters: `$1` plan id (text), `$2` step name (text), `$3` worker (int4),
-/// `$4` batch size (int8). Returns one row: the new `last_key` (jsonb), whether
-/// the worker's range is finished (bool), keys visited (int8), rows changed (int8).
+/// Parameters: `$1` plan id (text), `$2` step (text), `$3` worker (int4), `$4`
+/// batch size (int8, unless the operator overrides it), `$5` run epoch (int8).
+/// Returns one row, see [`Outcome::from_row`].
 ///
-/// `pgshift_picked` walks the key index from the checkpoint (keyset, never
-/// OFFSET); the UPDATE then covers the key range up to the last key picked, so
-/// duplicates of a non-unique key never straddle two batches. The steps row is
-/// updated last (its new value needs the row count, which needs the UPDATE to
-/// finish), so parallel workers hold that shared row only while they commit.
-pub fn statement(spec: &BackfillSpec, key: &[Ident], bound: Bound, control: &str) -> String {
+/// `pgshift_end` walks the key index from the checkpoint to the N-th key (keyset,
+/// `OFFSET` inside the index walk, nothing materialised); the UPDATE then covers
+/// the key range up to that key, or to the range's end when fewer keys remain,
+/// so duplicates of a non-unique key never straddle two batches. The worker's
+/// own range row is the only control row written: nothing is shared between
+/// workers but rows they only read.
+pub fn statement(spec: &BackfillSpec, key: &Key, bound: Bound, control: &str) -> String {
+    let k = &key.cols;
     let table = spec.table.quoted();
-    let row = key_row(key);
-    let lower = match bound {
-        Bound::FromStart => String::new(),
-        Bound::AfterCheckpoint => format!("{row} > {} AND ", decode(spec, key, "last_key")),
+    let row = format!("({})", list(k, |c| c.quoted()));
+    let (lower, has_checkpoint) = match bound {
+        Bound::FromStart => (String::new(), "IS NULL"),
+        Bound::AfterCheckpoint => (
+            format!("{row} > {} AND ", decode(spec, k, "last_key")),
+            "IS NOT NULL",
+        ),
     };
     let (assign, differs) = set_parts(&spec.set);
     let mut filter = String::new();
@@ -127,53 +148,90 @@ pub fn statement(spec: &BackfillSpec, key: &[Ident], bound: Bound, control: &str
     if let (None, Some(d)) = (&spec.where_, differs) {
         filter.push_str(&format!("\n      AND ({d})"));
     }
+    let cols = list(k, |c| c.quoted());
+    // Keys the batch visited: N when the N-th key exists and the key is unique;
+    // otherwise counted (the last batch of a range, or a key with duplicates).
+    let counted = format!(
+        "(SELECT count(*) FROM {table} WHERE {lower}{row} <= (SELECT {cols} FROM pgshift_stop))"
+    );
+    let picked = if key.unique {
+        format!(
+            "CASE WHEN EXISTS (SELECT 1 FROM pgshift_end) THEN (SELECT size FROM pgshift_live) ELSE {counted} END"
+        )
+    } else {
+        counted
+    };
     format!(
-        "WITH pgshift_range AS MATERIALIZED (
-    SELECT last_key, upper_key FROM {control}.backfill_ranges
-    WHERE plan_id = $1 AND step = $2 AND worker = $3
-    FOR UPDATE
-), pgshift_picked AS MATERIALIZED (
+        "WITH pgshift_live AS MATERIALIZED (
+    SELECT s.overrides,
+           coalesce((s.overrides->>'paused')::boolean, false) AS paused,
+           coalesce(nullif((s.overrides->>'batch_size')::int8, 0), $4) AS size,
+           (SELECT p.run_epoch FROM {control}.plans AS p WHERE p.id = $1) = $5 AS current,
+           pg_current_wal_insert_lsn() AS wal_start
+    FROM {control}.steps AS s WHERE s.plan_id = $1 AND s.name = $2
+), pgshift_range AS MATERIALIZED (
+    SELECT r.last_key, r.upper_key FROM {control}.backfill_ranges AS r, pgshift_live AS l
+    WHERE r.plan_id = $1 AND r.step = $2 AND r.worker = $3 AND r.epoch = $5
+      AND NOT r.done AND r.last_key {has_checkpoint} AND l.current AND NOT l.paused
+    FOR UPDATE OF r
+), pgshift_end AS MATERIALIZED (
     SELECT {cols} FROM {table}
     WHERE {lower}{row} <= {upper}
     ORDER BY {asc}
-    LIMIT $4
-), pgshift_last AS MATERIALIZED (
-    SELECT {cols} FROM pgshift_picked ORDER BY {desc} LIMIT 1
+    OFFSET (SELECT size - 1 FROM pgshift_live) LIMIT 1
+), pgshift_stop AS MATERIALIZED (
+    SELECT {cols} FROM (
+        SELECT {cols}, 0 AS pgshift_o FROM pgshift_end
+        UNION ALL
+        SELECT {upper_cols}, 1 FROM pgshift_range, jsonb_populate_record(NULL::{table}, pgshift_range.upper_key) AS pgshift_k
+    ) AS pgshift_s ORDER BY pgshift_o LIMIT 1
 ), pgshift_changed AS (
     UPDATE {table} SET {assign}
-    WHERE {lower}{row} <= (SELECT {cols} FROM pgshift_last){filter}
+    WHERE {lower}{row} <= (SELECT {cols} FROM pgshift_stop){filter}
     RETURNING 1
 ), pgshift_counts AS MATERIALIZED (
-    SELECT (SELECT count(*) FROM pgshift_picked) AS picked,
+    SELECT {picked} AS picked,
            (SELECT count(*) FROM pgshift_changed) AS changed
 ), pgshift_checkpoint AS (
     UPDATE {control}.backfill_ranges AS r
-    SET last_key = coalesce((SELECT {encoded} FROM pgshift_last), r.last_key),
+    SET last_key = coalesce((SELECT {encoded} FROM pgshift_stop), r.last_key),
         rows_done = r.rows_done + c.picked,
+        rows_updated = r.rows_updated + c.changed,
         batches = r.batches + 1,
-        batch_size = $4,
-        done = c.picked < $4,
+        batch_size = (SELECT size FROM pgshift_live),
+        done = NOT EXISTS (SELECT 1 FROM pgshift_end),
         updated_at = now()
     FROM pgshift_counts AS c
-    WHERE r.plan_id = $1 AND r.step = $2 AND r.worker = $3
+    WHERE r.plan_id = $1 AND r.step = $2 AND r.worker = $3 AND EXISTS (SELECT 1 FROM pgshift_range)
     RETURNING r.last_key, r.done
-), pgshift_step AS (
-    UPDATE {control}.steps AS s
-    SET rows_done = s.rows_done + c.picked,
-        checkpoint = coalesce(s.checkpoint, '{{}}'::jsonb) || jsonb_build_object(
-            'rows_updated', coalesce((s.checkpoint->>'rows_updated')::bigint, 0) + c.changed)
-    FROM pgshift_counts AS c
-    WHERE s.plan_id = $1 AND s.name = $2
-    RETURNING 1
 )
-SELECT k.last_key, k.done, c.picked, c.changed
-FROM pgshift_checkpoint AS k, pgshift_counts AS c, (SELECT count(*) FROM pgshift_step) AS s",
-        cols = list(key, |k| k.quoted()),
-        upper = decode(spec, key, "upper_key"),
-        asc = order(key, false),
-        desc = order(key, true),
-        encoded = encode(key),
+SELECT l.current, l.paused, l.overrides, (SELECT count(*) FROM pgshift_checkpoint),
+       k.last_key, k.done, c.picked, c.changed,
+       (l.wal_start - '0/0'::pg_lsn)::int8, (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8,
+       l.size
+FROM (SELECT) AS pgshift_one
+LEFT JOIN pgshift_live AS l ON true
+LEFT JOIN pgshift_counts AS c ON true
+LEFT JOIN pgshift_checkpoint AS k ON true",
+        upper = decode(spec, k, "upper_key"),
+        upper_cols = list(k, |c| format!("pgshift_k.{}", c.quoted())),
+        asc = order(k, false),
+        encoded = encode(k),
     )
+}
+
+/// What one batch statement found and did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The batch committed with its checkpoint.
+    Applied(Applied),
+    /// The operator paused the step: nothing was applied.
+    Paused(Overrides),
+    /// A newer run owns the plan: nothing was applied, and nothing more may be.
+    Fenced,
+    /// The range row was not in the state this form of the statement expects (done,
+    /// claimed by a newer run, or its checkpoint moved): read it again.
+    Missed(Overrides),
 }
 
 /// What one committed batch did.
@@ -187,56 +245,84 @@ pub struct Applied {
     pub picked: u64,
     /// Rows actually changed (matched `where` and differed).
     pub changed: u64,
+    /// The batch size the statement used (the operator's override, if any).
+    pub size: u32,
+    /// WAL bytes written while the statement ran (its own, and any other session's).
+    pub wal_bytes: u64,
+    /// The WAL insert position when the statement finished.
+    pub wal_end: u64,
     pub elapsed: Duration,
+    pub overrides: Overrides,
 }
 
-/// Runs one batch in one transaction: BEGIN and the transaction's timeouts are
-/// pipelined with the batch statement (one round trip), then COMMIT (another).
+impl Outcome {
+    fn from_row(row: &tokio_postgres::Row, elapsed: Duration) -> Result<Outcome, db::Error> {
+        let current: Option<bool> = row.try_get(0)?;
+        let paused: Option<bool> = row.try_get(1)?;
+        let overrides = row
+            .try_get::<_, Option<Json>>(2)?
+            .map(|j| Overrides::from_json(&j))
+            .unwrap_or_default();
+        let applied: i64 = row.try_get(3)?;
+        if current != Some(true) {
+            return Ok(Outcome::Fenced);
+        }
+        if applied == 0 {
+            return Ok(if paused == Some(true) {
+                Outcome::Paused(overrides)
+            } else {
+                Outcome::Missed(overrides)
+            });
+        }
+        let count = |i: usize| -> Result<u64, db::Error> {
+            Ok(row.try_get::<_, Option<i64>>(i)?.unwrap_or(0).max(0) as u64)
+        };
+        let (wal_start, wal_end) = (count(8)?, count(9)?);
+        Ok(Outcome::Applied(Applied {
+            last_key: row.try_get(4)?,
+            done: row.try_get::<_, Option<bool>>(5)?.unwrap_or(false),
+            picked: count(6)?,
+            changed: count(7)?,
+            size: count(10)?.min(u32::MAX as u64) as u32,
+            wal_bytes: wal_end.saturating_sub(wal_start),
+            wal_end,
+            elapsed,
+            overrides,
+        }))
+    }
+}
+
+/// Runs one batch: one statement, one round trip, its own transaction.
 ///
-/// On error the transaction is rolled back before returning, so the pooled
-/// connection is clean; if even that fails the connection is lost and the caller
-/// drops it.
+/// The connection is the worker's own, with its session timeouts already set;
+/// `backstop` only guards against a server that stops answering (a statement
+/// timeout is the server's job): when it fires the statement is cancelled on the
+/// server and the error reads as a lost connection.
 pub async fn apply(
     client: &Client,
-    statement: &tokio_postgres::Statement,
-    limits: (Duration, Duration),
-    params: (&str, &str, i32, i64),
-) -> Result<Applied, db::Error> {
+    statement: &Statement,
+    params: (&str, &str, i32, i64, i64),
+    backstop: Duration,
+) -> Result<Outcome, db::Error> {
     let started = Instant::now();
-    // Values are integers rendered here: nothing from a plan is spliced into this text.
-    let begin = format!(
-        "BEGIN; SELECT set_config('lock_timeout', '{}ms', true), set_config('statement_timeout', '{}ms', true)",
-        limits.0.as_millis(),
-        limits.1.as_millis()
-    );
-    let (plan, step, worker, size) = params;
-    let values: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&plan, &step, &worker, &size];
-    // Both requests go out before either answer is awaited: tokio-postgres writes a
-    // request when its future is first polled, and try_join polls them in order.
-    let result = tokio::try_join!(
-        client.batch_execute(&begin),
-        client.query_one(statement, &values),
-    );
-    let row = match result {
-        Ok((_, row)) => row,
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(e.into());
+    let (plan, step, worker, size, epoch) = params;
+    let values: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&plan, &step, &worker, &size, &epoch];
+    let row = match tokio::time::timeout(backstop, client.query_one(statement, &values)).await {
+        Ok(row) => row?,
+        Err(_) => {
+            let _ = client
+                .cancel_token()
+                .cancel_query(tokio_postgres::NoTls)
+                .await;
+            return Err(db::Error::Connect(Box::new(db::ConnectFailure {
+                target: "the server".into(),
+                reason: format!("no answer to a batch within {}s", backstop.as_secs()),
+                sqlstate: None,
+            })));
         }
     };
-    if let Err(e) = client.batch_execute("COMMIT").await {
-        let _ = client.batch_execute("ROLLBACK").await;
-        return Err(e.into());
-    }
-    let picked: i64 = row.get(2);
-    let changed: i64 = row.get(3);
-    Ok(Applied {
-        last_key: row.get(0),
-        done: row.get(1),
-        picked: picked.max(0) as u64,
-        changed: changed.max(0) as u64,
-        elapsed: started.elapsed(),
-    })
+    Outcome::from_row(&row, started.elapsed())
 }
 
 #[cfg(test)]
@@ -258,14 +344,21 @@ mod tests {
         }
     }
 
+    fn key(cols: &[&str], unique: bool) -> Key {
+        Key {
+            cols: cols.iter().map(|c| parse_ident(c).unwrap()).collect(),
+            unique,
+        }
+    }
+
     #[test]
     fn columns_set_uses_where_or_else_skips_rows_already_equal() {
         let s = spec(
             BackfillSet::Columns(vec![(parse_ident("h").unwrap(), "md5(email)".into())]),
             Some("h IS NULL"),
         );
-        let key = vec![parse_ident("id").unwrap()];
-        let sql = statement(&s, &key, Bound::AfterCheckpoint, "\"pgshift\"");
+        let k = key(&["id"], true);
+        let sql = statement(&s, &k, Bound::AfterCheckpoint, "\"pgshift\"");
         assert!(
             sql.contains(r#"UPDATE "public"."leads" SET "h" = (md5(email))"#),
             "{sql}"
@@ -275,7 +368,7 @@ mod tests {
         assert!(!sql.contains("IS DISTINCT FROM"), "{sql}");
         let no_where = statement(
             &spec(s.set.clone(), None),
-            &key,
+            &k,
             Bound::AfterCheckpoint,
             "\"pgshift\"",
         );
@@ -284,21 +377,42 @@ mod tests {
             "{no_where}"
         );
         assert!(sql.contains(r#"("id") > (SELECT pgshift_k."id" FROM pgshift_range, jsonb_populate_record(NULL::"public"."leads", pgshift_range.last_key)"#), "{sql}");
-        assert!(!sql.contains("OFFSET"));
-        let first = statement(&s, &key, Bound::FromStart, "\"pgshift\"");
+        assert!(sql.contains("r.last_key IS NOT NULL"), "{sql}");
+        let first = statement(&s, &k, Bound::FromStart, "\"pgshift\"");
         assert!(!first.contains("last_key) AS"), "{first}");
+        assert!(first.contains("r.last_key IS NULL"), "{first}");
+    }
+
+    #[test]
+    fn one_statement_fences_reads_overrides_and_writes_only_its_own_range() {
+        let s = spec(BackfillSet::Clause("n = n + 1".into()), None);
+        let sql = statement(&s, &key(&["id"], true), Bound::AfterCheckpoint, "\"ctl\"");
+        assert!(sql.contains("r.epoch = $5"), "{sql}");
+        assert!(sql.contains("p.run_epoch FROM \"ctl\".plans"), "{sql}");
+        assert!(sql.contains("s.overrides->>'paused'"), "{sql}");
+        // The only control table written is the worker's range row.
+        assert_eq!(sql.matches("UPDATE \"ctl\".").count(), 1, "{sql}");
+        assert!(sql.contains("UPDATE \"ctl\".backfill_ranges"), "{sql}");
+        assert!(
+            !sql.contains("BEGIN") && !sql.contains("set_config"),
+            "{sql}"
+        );
+        // A unique key counts nothing but the last batch of its range.
+        assert!(
+            sql.contains("CASE WHEN EXISTS (SELECT 1 FROM pgshift_end)"),
+            "{sql}"
+        );
+        let dup = statement(&s, &key(&["id"], false), Bound::AfterCheckpoint, "\"ctl\"");
+        assert!(!dup.contains("CASE WHEN EXISTS"), "{dup}");
     }
 
     #[test]
     fn composite_keys_compare_as_rows_and_encode_by_name() {
         let s = spec(BackfillSet::Clause("n = n + 1".into()), None);
-        let key = vec![parse_ident("tenant").unwrap(), parse_ident("Id").unwrap()];
-        let sql = statement(&s, &key, Bound::AfterCheckpoint, "\"pgshift\"");
+        let k = key(&["tenant", "Id"], true);
+        let sql = statement(&s, &k, Bound::AfterCheckpoint, "\"pgshift\"");
         assert!(sql.contains(r#"("tenant", "id") <= "#), "{sql}");
-        assert!(
-            sql.contains(r#"ORDER BY "tenant" DESC, "id" DESC LIMIT 1"#),
-            "{sql}"
-        );
+        assert!(sql.contains(r#"ORDER BY "tenant", "id""#), "{sql}");
         assert!(
             sql.contains(r#"jsonb_build_object('tenant', "tenant", 'id', "id")"#),
             "{sql}"
@@ -317,8 +431,7 @@ mod tests {
             )]),
             None,
         );
-        let key = vec![parse_ident("id").unwrap()];
-        let sql = statement(&s, &key, Bound::AfterCheckpoint, "\"ctl\"");
+        let sql = statement(&s, &key(&["id"], true), Bound::AfterCheckpoint, "\"ctl\"");
         assert!(sql.contains("('__SCHEMA__' || email)"), "{sql}");
         assert!(sql.contains("\"ctl\".backfill_ranges"), "{sql}");
         assert!(!sql.contains("\"ctl\" || email"), "{sql}");

@@ -4,6 +4,7 @@
 use tokio_postgres::GenericClient;
 
 use super::BackfillSpec;
+use super::batch::Key;
 use crate::db;
 use crate::engine::{Error, StepCx};
 use crate::ident::{Ident, quote_ident};
@@ -34,10 +35,8 @@ impl KeyError {
 }
 
 /// The key columns: the plan's, or the primary key; they must lead a valid btree index.
-pub async fn resolve_key(
-    c: &impl GenericClient,
-    spec: &BackfillSpec,
-) -> Result<Vec<Ident>, KeyError> {
+/// The key is unique when a valid unique index covers only key columns.
+pub async fn resolve_key(c: &impl GenericClient, spec: &BackfillSpec) -> Result<Key, KeyError> {
     let table = spec.table.quoted();
     let exists: bool = c
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
@@ -118,5 +117,19 @@ pub async fn resolve_key(
             spec.table, spec.table
         )));
     }
-    Ok(key)
+    let unique: bool = c
+        .query_one(
+            "SELECT EXISTS (
+               SELECT 1 FROM pg_index i
+               WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+                 AND i.indexprs IS NULL
+                 AND (SELECT bool_and(a.attname::text = ANY($2::text[]))
+                      FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                      WHERE k.ord <= i.indnkeyatts))",
+            &[&table, &names],
+        )
+        .await?
+        .get(0);
+    Ok(Key { cols: key, unique })
 }

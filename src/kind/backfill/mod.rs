@@ -18,32 +18,40 @@
 //! Pausing: the live override `paused: true` holds the workers between batches
 //! (reported as "paused by operator") until it is lifted or the run is
 //! cancelled; the step does not end, so `pgshift throttle --unpause` continues
-//! it in place.
+//! it in place. A batch that starts after the pause commits applies nothing.
+//!
+//! The parts: `batch.rs` (the one statement of a batch), `worker.rs` (a worker's
+//! loop on its own connection), `coordinator.rs` (one task per step: signals,
+//! totals, progress, events), `signals.rs` (what can hold a backfill),
+//! `throttle.rs` (settings, limits, batch size, pacing), `ranges.rs` and `key.rs`.
 
 pub mod batch;
+mod coordinator;
 mod key;
 mod ranges;
+mod signals;
 mod spec;
 pub mod throttle;
 mod worker;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::Value as Json;
 use tokio_postgres::GenericClient;
+use tokio_util::sync::CancellationToken;
 
-use crate::control::{Checkpoint, Event, Status};
+use crate::control::{Checkpoint, Event, Overrides, Status};
 use crate::db;
-use crate::engine::{Error, Outcome, StepCx};
+use crate::engine::{Error, Fence, Outcome, StepCx};
 use crate::ident::Ident;
 use crate::plan::phase::Phase;
-use batch::Bound;
-use ranges::Settings;
-pub use spec::{BackfillSet, BackfillSpec, Throttle, describe, parse};
-use throttle::Signal;
-use worker::{End, Shared};
+use batch::{Bound, Key};
+use coordinator::{Coordinator, Gate};
+pub use spec::{BackfillSet, BackfillSpec, Throttle, describe, is_slot_name, parse};
+use throttle::Settings;
+use worker::{End, Figures, Shared};
 
 /// The kind's key in the plan file.
 pub const KEY: &str = "backfill";
@@ -54,11 +62,15 @@ pub const PHASES: &[Phase] = &[Phase::Backfill];
 /// The exact statement of one batch, for `plan show` (control schema `pgshift`).
 ///
 /// `key` is the key the run will use: `spec.key`, or the table's primary key.
-/// Parameters: `$1` plan id, `$2` step, `$3` worker, `$4` batch size.
+/// Parameters: `$1` plan id, `$2` step, `$3` worker, `$4` batch size, `$5` run epoch.
 pub fn batch_sql(spec: &BackfillSpec, key: &[Ident]) -> String {
+    let key = Key {
+        cols: key.to_vec(),
+        unique: true,
+    };
     batch::statement(
         spec,
-        key,
+        &key,
         Bound::AfterCheckpoint,
         &crate::ident::quote_ident("pgshift"),
     )
@@ -76,39 +88,90 @@ pub async fn run(sx: &StepCx, spec: &BackfillSpec) -> Result<Outcome, Error> {
     let key = key::resolve_key(&**conn, spec)
         .await
         .map_err(|e| e.into_error(sx))?;
+    let fence = match &sx.fence {
+        Some(f) => f.clone(),
+        // Run without the runner (tests): a run of its own, fenced like any other.
+        None => Fence {
+            epoch: cx
+                .control
+                .take_epoch(&**conn, &sx.plan)
+                .await
+                .map_err(fail)?,
+            lost: CancellationToken::new(),
+        },
+    };
     let settings = Settings::new(sx, spec);
-    let ranges = ranges::fix_ranges(sx, &mut conn, spec, &key, &settings)
+    let Some(ranges) = ranges::fix_ranges(sx, &mut conn, spec, &key, &settings, fence.epoch)
         .await
-        .map_err(fail)?;
-    let rows_total: Option<i64> = conn
-        .query_one(
-            &cx.control
-                .sql("SELECT rows_total FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2"),
-            &[&sx.plan, &sx.step],
-        )
-        .await
-        .map_err(|e| fail(e.into()))?
-        .get(0);
+        .map_err(fail)?
+    else {
+        return Err(Error::LockLost {
+            plan: sx.plan.clone(),
+            step: sx.step.clone(),
+            why: "another runner took the plan over".into(),
+        });
+    };
+    let (rows_total, overrides): (Option<i64>, Json) = {
+        let r = conn
+            .query_one(
+                &cx.control.sql(
+                    "SELECT rows_total, overrides FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2",
+                ),
+                &[&sx.plan, &sx.step],
+            )
+            .await
+            .map_err(|e| fail(e.into()))?;
+        (r.get(0), r.get(1))
+    };
     drop(conn);
+    if Overrides::from_json(&overrides).paused == Some(true) {
+        cx.reporter.message(&format!(
+            "step `{}` is paused by an operator's override; it starts when `pgshift throttle {} --unpause` (or --clear) lifts it",
+            sx.step, sx.plan
+        ));
+    }
 
     let rows_at_start: u64 = ranges.iter().map(|r| r.rows_done).sum();
     let control = cx.control.quoted();
+    let (tx, rx) = Gate::channel(settings.limits(&Overrides::default()));
     let shared = Arc::new(Shared {
         sx: sx.clone(),
         spec: spec.clone(),
         sql_first: batch::statement(spec, &key, Bound::FromStart, control),
         sql_next: batch::statement(spec, &key, Bound::AfterCheckpoint, control),
         stop: cx.cancel.child_token(),
+        fence,
         workers: ranges.len() as u32,
-        rows_done: AtomicU64::new(rows_at_start),
-        rows_at_start,
-        rows_total: rows_total.map(|n| n.max(0) as u64),
-        started: Instant::now(),
         settings,
-        live: Mutex::new(None),
-        signals: signals(spec),
+        rows_done: AtomicU64::new(rows_at_start),
+        rows_updated: AtomicU64::new(0),
+        rows_total: rows_total.map(|n| n.max(0) as u64),
+        wal: AtomicU64::new(0),
+        batch_size: AtomicU32::new(0),
+        figures: Mutex::new(Figures::default()),
+        started: (Instant::now(), rows_at_start),
+        slowed: Mutex::new(None),
+        episode: Mutex::new(None),
+        gate: rx,
     });
+    let coordinator = Coordinator::start(shared.clone(), tx).await;
+    let sampling = CancellationToken::new();
+    let coordinating = tokio::spawn(coordinator.run(sampling.clone()));
+    let result = run_workers(&shared, ranges).await;
+    sampling.cancel();
+    let _ = coordinating.await;
+    cx.reporter.backfill_done(&sx.step);
+    match result? {
+        false => Ok(Outcome::Cancelled),
+        true => {
+            verify(&shared).await?;
+            Ok(Outcome::Done)
+        }
+    }
+}
 
+/// Runs one worker per range; true when every range is done.
+async fn run_workers(shared: &Arc<Shared>, ranges: Vec<ranges::Range>) -> Result<bool, Error> {
     let mut tasks = tokio::task::JoinSet::new();
     for range in ranges {
         let sh = shared.clone();
@@ -119,7 +182,7 @@ pub async fn run(sx: &StepCx, spec: &BackfillSpec) -> Result<Outcome, Error> {
     while let Some(joined) = tasks.join_next().await {
         let result = joined.unwrap_or_else(|e| {
             Err(Error::Internal {
-                step: sx.step.clone(),
+                step: shared.sx.step.clone(),
                 message: format!("a backfill worker stopped unexpectedly: {e}"),
             })
         });
@@ -134,15 +197,10 @@ pub async fn run(sx: &StepCx, spec: &BackfillSpec) -> Result<Outcome, Error> {
             }
         }
     }
-    cx.reporter.backfill_done(&sx.step);
-    if let Some(e) = first_error {
-        return Err(e);
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(all_done),
     }
-    if !all_done {
-        return Ok(Outcome::Cancelled);
-    }
-    verify(&shared).await?;
-    Ok(Outcome::Done)
 }
 
 /// A backfill that failed after its last batch (its verify found missed rows) would,
@@ -179,18 +237,6 @@ pub async fn reset(sx: &StepCx) -> Result<(), Error> {
         .reset_backfill_ranges(&**c, &sx.plan, &sx.step)
         .await
         .map_err(|e| sx.db_error(e))
-}
-
-/// The signals that can hold the backfill, from the plan.
-fn signals(spec: &BackfillSpec) -> Vec<Signal> {
-    let mut s = Vec::new();
-    if let Some(lag) = spec.throttle.max_replica_lag {
-        s.push(Signal::ReplicaLag(lag));
-    }
-    if let Some(q) = &spec.throttle.throttle_query {
-        s.push(Signal::Query(q.clone()));
-    }
-    s
 }
 
 /// After the last batch: the plan's `verify` query, or the rows of the range
@@ -243,10 +289,11 @@ async fn verify(sh: &Shared) -> Result<(), Error> {
             )
         }
         _ => {
-            finish(sh, &**conn, None).await;
+            finish(sh, &**conn, None, None).await;
             return Ok(());
         }
     };
+    let started = Instant::now();
     let client: &mut tokio_postgres::Client = &mut conn;
     let tx = client.transaction().await.map_err(|e| fail(e.into()))?;
     db::set_local_timeouts(&tx, sx.lock_timeout, sx.statement_timeout)
@@ -268,14 +315,36 @@ async fn verify(sh: &Shared) -> Result<(), Error> {
             what,
         });
     }
-    finish(sh, &**conn, Some(missed)).await;
+    finish(sh, &**conn, Some(missed), Some(started)).await;
     Ok(())
 }
 
-async fn finish(sh: &Shared, c: &impl GenericClient, verified: Option<i64>) {
+async fn finish(
+    sh: &Shared,
+    c: &impl GenericClient,
+    verified: Option<i64>,
+    verify_started: Option<Instant>,
+) {
+    let totals = c
+        .query_one(
+            &sh.sx.cx.control.sql(
+                "SELECT coalesce(sum(rows_done), 0)::int8, coalesce(sum(rows_updated), 0)::int8 FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2",
+            ),
+            &[&sh.sx.plan, &sh.name()],
+        )
+        .await;
+    let (done, updated) = match totals {
+        Ok(r) => (
+            r.get::<_, i64>(0).max(0) as u64,
+            Some(r.get::<_, i64>(1).max(0) as u64),
+        ),
+        Err(_) => (sh.rows_done.load(Ordering::Relaxed), None),
+    };
     let finished = Event::BackfillFinished {
-        rows_done: sh.rows_done.load(Ordering::Relaxed),
+        rows_done: done,
         verified_missed: verified,
+        rows_updated: updated,
+        verify_ms: verify_started.map(|t| t.elapsed().as_millis() as u64),
     };
     sh.event(c, &finished).await;
 }

@@ -2,14 +2,14 @@
 //! then is the upper bound (rows inserted later are the dual-write trigger's
 //! job), split into one contiguous sub-range per worker, all written in one
 //! transaction before the first batch. A step that already started reads the
-//! ranges it fixed.
-
-use std::time::Duration;
+//! ranges it fixed, and claims them for this run's epoch.
 
 use serde_json::Value as Json;
 use tokio_postgres::GenericClient;
 
-use super::{BackfillSpec, batch};
+use super::BackfillSpec;
+use super::batch::{self, Key};
+use super::throttle::Settings;
 use crate::control::{Checkpoint, Event};
 use crate::db;
 use crate::engine::StepCx;
@@ -25,53 +25,57 @@ pub struct Range {
     pub done: bool,
 }
 
-/// The throttle settings the run starts with: the plan's, overridden by the command line.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub batch_size: u32,
-    /// The operator gave `--batch-size`: it wins over the size recorded by an earlier run.
-    pub batch_size_from_cli: bool,
-    pub sleep: Duration,
-    pub max_rows_per_sec: Option<u32>,
-    pub target_batch_time: Option<Duration>,
-    pub workers: u32,
-}
-
-impl Settings {
-    pub fn new(sx: &StepCx, spec: &BackfillSpec) -> Settings {
-        let o = &sx.cx.options.backfill;
-        let applies = o.step.as_deref().is_none_or(|s| s == sx.step);
-        let cli = |v: Option<u32>| if applies { v } else { None };
-        Settings {
-            batch_size: cli(o.batch_size).unwrap_or(spec.batch_size),
-            batch_size_from_cli: cli(o.batch_size).is_some(),
-            sleep: o.sleep.filter(|_| applies).unwrap_or(spec.throttle.sleep),
-            max_rows_per_sec: cli(o.max_rows_per_sec).or(spec.throttle.max_rows_per_sec),
-            target_batch_time: o
-                .target_batch_time
-                .filter(|_| applies)
-                .or(spec.throttle.target_batch_time),
-            workers: cli(o.workers).unwrap_or(spec.workers).max(1),
-        }
-    }
-}
-
-/// Reads the ranges of a step that already started, or fixes them (first run).
+/// Reads and claims the ranges of a step that already started, or fixes them
+/// (first run), for the run of `epoch`. `None`: a newer run owns them.
+///
+/// Claiming sets each range's epoch under its row lock, so it waits for a batch
+/// of an earlier run still in flight, and no batch of that run applies after it.
 pub async fn fix_ranges(
     sx: &StepCx,
     conn: &mut deadpool_postgres::Object,
     spec: &BackfillSpec,
-    key: &[Ident],
+    key: &Key,
     settings: &Settings,
-) -> Result<Vec<Range>, db::Error> {
+    epoch: i64,
+) -> Result<Option<Vec<Range>>, db::Error> {
     let ctl = &sx.cx.control;
     let (plan, step) = (&sx.plan, &sx.step);
-    let read = ctl.sql(
-        "SELECT worker, last_key, rows_done, batch_size, done FROM __SCHEMA__.backfill_ranges
-         WHERE plan_id = $1 AND step = $2 ORDER BY worker",
-    );
-    let load = |rows: Vec<tokio_postgres::Row>| -> Vec<Range> {
-        rows.iter()
+    let client: &mut tokio_postgres::Client = &mut *conn;
+    let tx = client.transaction().await?;
+    // Only pgshift's own batches lock these rows: waiting for one costs the application nothing.
+    db::set_local_timeouts(&tx, sx.statement_timeout, sx.statement_timeout).await?;
+    tx.execute(
+        &ctl.sql("SELECT 1 FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2 FOR UPDATE"),
+        &[plan, step],
+    )
+    .await?;
+    let rows = tx
+        .query(
+            &ctl.sql(
+                "SELECT worker, last_key, rows_done, batch_size, done, epoch FROM __SCHEMA__.backfill_ranges
+                 WHERE plan_id = $1 AND step = $2 ORDER BY worker FOR UPDATE",
+            ),
+            &[plan, step],
+        )
+        .await?;
+    if !rows.is_empty() {
+        let previous = rows.iter().map(|r| r.get::<_, i64>(5)).max().unwrap_or(0);
+        if previous > epoch {
+            return Ok(None);
+        }
+        tx.execute(
+            &ctl.sql(
+                "UPDATE __SCHEMA__.backfill_ranges SET epoch = $3 WHERE plan_id = $1 AND step = $2",
+            ),
+            &[plan, step, &epoch],
+        )
+        .await?;
+        if previous != epoch && previous != 0 {
+            sx.record(&tx, &Event::BackfillClaimed { epoch, previous })
+                .await?;
+        }
+        let ranges: Vec<Range> = rows
+            .iter()
             .map(|r| Range {
                 worker: r.get(0),
                 last_key: r.get(1),
@@ -79,37 +83,58 @@ pub async fn fix_ranges(
                 batch_size: r.get(3),
                 done: r.get(4),
             })
-            .collect()
-    };
-    let existing = load(conn.query(&read, &[plan, step]).await?);
-    if !existing.is_empty() {
-        if settings.workers as usize != existing.len() {
-            sx.cx.reporter.message(&format!(
-                "step `{}`: continuing with the {} worker range(s) fixed when it started (workers cannot change mid-step)",
-                step,
-                existing.len()
-            ));
+            .collect();
+        if settings.workers as usize != ranges.len() {
+            workers_unchanged(sx, &tx, settings, ranges.len()).await?;
         }
-        return Ok(existing);
-    }
-
-    let client: &mut tokio_postgres::Client = &mut *conn;
-    let tx = client.transaction().await?;
-    db::set_local_timeouts(&tx, sx.lock_timeout, sx.statement_timeout).await?;
-    tx.execute(
-        &ctl.sql("SELECT 1 FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2 FOR UPDATE"),
-        &[plan, step],
-    )
-    .await?;
-    let again = load(tx.query(&read, &[plan, step]).await?);
-    if !again.is_empty() {
         tx.commit().await?;
-        return Ok(again);
+        return Ok(Some(ranges));
     }
-    let (upper, rows_total) = measure(&tx, spec, key).await?;
+    let ranges = insert_ranges(sx, &tx, spec, key, settings, epoch).await?;
+    tx.commit().await?;
+    Ok(Some(ranges))
+}
+
+/// A started step keeps the split it was fixed with: say so when the operator
+/// (or a changed plan) asks for another number of workers.
+async fn workers_unchanged(
+    sx: &StepCx,
+    tx: &impl GenericClient,
+    settings: &Settings,
+    fixed: usize,
+) -> Result<(), db::Error> {
+    let asked = if settings.workers_from_cli {
+        format!("--workers {}", settings.workers)
+    } else {
+        format!("the plan's `workers: {}`", settings.workers)
+    };
+    sx.cx.reporter.message(&format!(
+        "step `{}`: {asked} cannot take effect: the step started with {fixed} worker range(s), split when it first ran, and continues with them (a started step keeps its split)",
+        sx.step
+    ));
+    let unchanged = Event::WorkersUnchanged {
+        requested: settings.workers,
+        fixed: fixed as u32,
+    };
+    sx.record(tx, &unchanged).await
+}
+
+/// First run: measures the range, splits it among the workers, and records it all.
+async fn insert_ranges(
+    sx: &StepCx,
+    tx: &impl GenericClient,
+    spec: &BackfillSpec,
+    key: &Key,
+    settings: &Settings,
+    epoch: i64,
+) -> Result<Vec<Range>, db::Error> {
+    let ctl = &sx.cx.control;
+    let (plan, step) = (&sx.plan, &sx.step);
+    let key = &key.cols;
+    let (upper, rows_total) = measure(tx, spec, key).await?;
     let boundaries = match (&upper, settings.workers) {
         (Some(upper), n) if n > 1 => {
-            split(&tx, spec, key, upper, n, rows_total.unwrap_or(i64::MAX)).await?
+            split(tx, spec, key, upper, n, rows_total.unwrap_or(i64::MAX)).await?
         }
         _ => Vec::new(),
     };
@@ -129,10 +154,10 @@ pub async fn fix_ranges(
         let done = hi.is_none();
         tx.execute(
             &ctl.sql(
-                "INSERT INTO __SCHEMA__.backfill_ranges (plan_id, step, worker, lower_key, upper_key, last_key, batch_size, done)
-                 VALUES ($1, $2, $3, $4, $5, $4, $6, $7)",
+                "INSERT INTO __SCHEMA__.backfill_ranges (plan_id, step, worker, lower_key, upper_key, last_key, batch_size, done, epoch)
+                 VALUES ($1, $2, $3, $4, $5, $4, $6, $7, $8)",
             ),
-            &[plan, step, &(i as i32), &lower, &hi, &(settings.batch_size as i32), &done],
+            &[plan, step, &(i as i32), &lower, &hi, &(settings.batch_size as i32), &done, &epoch],
         )
         .await?;
         ranges.push(Range {
@@ -167,8 +192,7 @@ pub async fn fix_ranges(
         workers: count,
         rows_total,
     };
-    sx.record(&tx, &fixed).await?;
-    tx.commit().await?;
+    sx.record(tx, &fixed).await?;
     Ok(ranges)
 }
 

@@ -45,6 +45,16 @@ pub struct Throttle {
     pub max_batch_size: u32,
     pub max_replica_lag: Option<Duration>,
     pub throttle_query: Option<String>,
+    /// Hold while a watched replication slot is further behind than this many bytes.
+    pub max_slot_lag: Option<u64>,
+    /// The slots `max_slot_lag` watches; empty: every logical slot.
+    pub slots: Vec<String>,
+    /// A slot with no consumer connected does not hold the backfill.
+    pub ignore_inactive_slots: bool,
+    /// Pace batches so that their WAL stays under this many bytes per second.
+    pub max_wal_rate: Option<u64>,
+    /// Hold while an autovacuum to prevent wraparound works the table.
+    pub pause_on_autovacuum: bool,
 }
 
 impl Default for Throttle {
@@ -57,6 +67,11 @@ impl Default for Throttle {
             max_batch_size: defaults::MAX_BATCH_SIZE,
             max_replica_lag: None,
             throttle_query: None,
+            max_slot_lag: None,
+            slots: Vec::new(),
+            ignore_inactive_slots: false,
+            max_wal_rate: None,
+            pause_on_autovacuum: false,
         }
     }
 }
@@ -228,6 +243,11 @@ fn parse_throttle(
             "max_batch_size",
             "max_replica_lag",
             "throttle_query",
+            "max_slot_lag",
+            "slots",
+            "ignore_inactive_slots",
+            "max_wal_rate",
+            "pause_on_autovacuum",
         ],
     ) {
         match k.as_str() {
@@ -263,10 +283,120 @@ fn parse_throttle(
             }
             "max_replica_lag" => throttle.max_replica_lag = r.duration(val, "max_replica_lag"),
             "throttle_query" => throttle.throttle_query = r.query(val, "throttle_query"),
+            "max_slot_lag" => throttle.max_slot_lag = size(r, val, "max_slot_lag", false),
+            "slots" => throttle.slots = slot_names(r, val),
+            "ignore_inactive_slots" => {
+                throttle.ignore_inactive_slots = boolean(r, val, "ignore_inactive_slots")
+            }
+            "max_wal_rate" => throttle.max_wal_rate = size(r, val, "max_wal_rate", true),
+            "pause_on_autovacuum" => {
+                throttle.pause_on_autovacuum = boolean(r, val, "pause_on_autovacuum")
+            }
             _ => {}
         }
     }
+    if throttle.max_slot_lag.is_none()
+        && (!throttle.slots.is_empty() || throttle.ignore_inactive_slots)
+    {
+        r.error(
+            node.pos,
+            "missing",
+            "`slots` and `ignore_inactive_slots` refine `max_slot_lag`, which is not set",
+            Some("add `max_slot_lag: 512MB` (or another size) to hold the backfill while those slots are behind".into()),
+        );
+    }
     (explicit_min, explicit_max)
+}
+
+/// A size in bytes (`512MB`); `per_second` also takes `16MB/s`.
+fn size(r: &mut Reader, val: &Node, what: &str, per_second: bool) -> Option<u64> {
+    let text = match &val.value {
+        Value::Int(i) if *i > 0 => return Some(*i as u64),
+        Value::Str(s) => s.clone(),
+        other => {
+            r.error(
+                val.pos,
+                "type",
+                format!(
+                    "{what} must be a size like `512MB`, not {}",
+                    other.describe()
+                ),
+                None,
+            );
+            return None;
+        }
+    };
+    let t = text.trim();
+    let t = if per_second {
+        t.strip_suffix("/s").unwrap_or(t)
+    } else {
+        t
+    };
+    match crate::bytes::parse(t) {
+        Ok(0) => {
+            r.error(
+                val.pos,
+                "range",
+                format!("{what} must be more than 0 bytes"),
+                Some(format!("leave `{what}` out for no limit")),
+            );
+            None
+        }
+        Ok(n) => Some(n),
+        Err(e) => {
+            r.error(val.pos, "size", format!("{what}: {e}"), None);
+            None
+        }
+    }
+}
+
+fn boolean(r: &mut Reader, val: &Node, what: &str) -> bool {
+    match val.value {
+        Value::Bool(b) => b,
+        ref other => {
+            r.error(
+                val.pos,
+                "type",
+                format!("{what} must be true or false, not {}", other.describe()),
+                None,
+            );
+            false
+        }
+    }
+}
+
+/// `slots: [supabase_realtime, debezium]`: replication slot names as the server stores them.
+fn slot_names(r: &mut Reader, val: &Node) -> Vec<String> {
+    let items = match &val.value {
+        Value::Seq(items) => items.iter().collect::<Vec<_>>(),
+        _ => vec![val],
+    };
+    let mut names = Vec::new();
+    for item in items {
+        let Some(name) = r.string(item, "slot name") else {
+            continue;
+        };
+        if is_slot_name(&name) {
+            names.push(name);
+        } else {
+            r.error(
+                item.pos,
+                "slot-name",
+                format!("`{name}` is not a replication slot name"),
+                Some("slot names are 1 to 63 lowercase letters, digits and underscores, as `SELECT slot_name FROM pg_replication_slots` shows them".into()),
+            );
+        }
+    }
+    names
+}
+
+/// A name PostgreSQL accepts for a replication slot (`ReplicationSlotValidateName`).
+pub fn is_slot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// The backfill in words and its batch statement, as `plan show` prints it.
@@ -289,9 +419,33 @@ pub fn describe(b: &BackfillSpec) -> String {
         let _ = writeln!(s, "  where {w}");
     }
     let t = &b.throttle;
+    let mut signals = String::new();
+    if let Some(b) = t.max_slot_lag {
+        let which = if t.slots.is_empty() {
+            "any logical replication slot".to_string()
+        } else {
+            format!("slot {}", t.slots.join(", "))
+        };
+        let inactive = if t.ignore_inactive_slots {
+            " (inactive slots ignored)"
+        } else {
+            ""
+        };
+        let _ = write!(
+            signals,
+            ", pause while {which} is more than {} behind{inactive}",
+            crate::bytes::format(b)
+        );
+    }
+    if let Some(b) = t.max_wal_rate {
+        let _ = write!(signals, ", at most {}/s of WAL", crate::bytes::format(b));
+    }
+    if t.pause_on_autovacuum {
+        signals.push_str(", pause while an anti-wraparound autovacuum works the table");
+    }
     let _ = writeln!(
         s,
-        "  throttle: sleep {}, batch size {}..{}{}{}{}{}",
+        "  throttle: sleep {}, batch size {}..{}{}{}{}{}{signals}",
         crate::duration::format(t.sleep),
         t.min_batch_size,
         t.max_batch_size,
@@ -318,7 +472,7 @@ pub fn describe(b: &BackfillSpec) -> String {
     };
     let _ = writeln!(
         s,
-        "each batch, in one transaction with its checkpoint{note}:"
+        "each batch, one statement that is its own transaction, with its checkpoint{note}:"
     );
     s.push_str(&super::batch_sql(b, &key));
     s

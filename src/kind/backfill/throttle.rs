@@ -1,17 +1,123 @@
-//! How fast a backfill may go: the batch size (fixed, or adapted toward a
-//! target batch time), the pause between batches (a fixed sleep and a rows/s
-//! cap), and the signals that hold it (replica lag, the plan's throttle query).
-//!
-//! Signals fail closed: a signal that cannot be read holds the backfill, with
-//! the reason, exactly like a signal that says "slow down". A backfill that
-//! keeps writing while its brakes are unreadable is the one failure mode this
-//! module exists to prevent.
+//! How fast a backfill may go: the settings a run starts with (the plan's, under
+//! the command line's), the limits in force for each batch (those settings under
+//! the operator's live overrides), the batch size (fixed, or adapted toward a
+//! target batch time), and the pause after each batch (a fixed sleep, a rows/s
+//! cap, a WAL rate cap). The signals that hold a backfill are in `signals.rs`.
 
 use std::time::Duration;
 
-use tokio_postgres::Client;
+use super::batch::Applied;
+use super::spec::{BackfillSpec, Throttle};
+use crate::control::Overrides;
+use crate::engine::StepCx;
 
-use crate::db;
+/// The throttle settings the run starts with: the plan's, overridden by the command line.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub batch_size: u32,
+    /// The operator gave `--batch-size`: it wins over the size recorded by an earlier run.
+    pub batch_size_from_cli: bool,
+    pub sleep: Duration,
+    pub max_rows_per_sec: Option<u32>,
+    pub target_batch_time: Option<Duration>,
+    pub workers: u32,
+    /// The operator gave `--workers` (only a step's first run can use it).
+    pub workers_from_cli: bool,
+    /// The plan's throttle (its signals are not on the command line).
+    pub plan: Throttle,
+}
+
+impl Settings {
+    pub fn new(sx: &StepCx, spec: &BackfillSpec) -> Settings {
+        let o = &sx.cx.options.backfill;
+        let applies = o.step.as_deref().is_none_or(|s| s == sx.step);
+        let cli = |v: Option<u32>| if applies { v } else { None };
+        Settings {
+            batch_size: cli(o.batch_size).unwrap_or(spec.batch_size),
+            batch_size_from_cli: cli(o.batch_size).is_some(),
+            sleep: o.sleep.filter(|_| applies).unwrap_or(spec.throttle.sleep),
+            max_rows_per_sec: cli(o.max_rows_per_sec).or(spec.throttle.max_rows_per_sec),
+            target_batch_time: o
+                .target_batch_time
+                .filter(|_| applies)
+                .or(spec.throttle.target_batch_time),
+            workers: cli(o.workers).unwrap_or(spec.workers).max(1),
+            workers_from_cli: cli(o.workers).is_some(),
+            plan: spec.throttle.clone(),
+        }
+    }
+
+    /// The limits in force under the operator's live overrides `ov`.
+    pub fn limits(&self, ov: &Overrides) -> Limits {
+        let t = &self.plan;
+        // `0` in an override lifts the plan's limit.
+        let lift = |o: Option<u64>, plan: Option<u64>| match o {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => plan,
+        };
+        let slot = lift(ov.max_slot_lag, t.max_slot_lag).map(|max_lag| SlotLimit {
+            max_lag,
+            slots: ov.slots.clone().unwrap_or_else(|| t.slots.clone()),
+            ignore_inactive: ov.ignore_inactive_slots.unwrap_or(t.ignore_inactive_slots),
+        });
+        Limits {
+            paused: ov.paused.unwrap_or(false),
+            batch_size: ov
+                .batch_size
+                .filter(|n| *n > 0)
+                .map(|n| n.min(crate::plan::defaults::BATCH_SIZE_LIMIT)),
+            sleep: ov.sleep_ms.map(Duration::from_millis).unwrap_or(self.sleep),
+            max_rows_per_sec: lift(
+                ov.max_rows_per_sec.map(u64::from),
+                self.max_rows_per_sec.map(u64::from),
+            )
+            .map(|n| n.min(u32::MAX as u64) as u32),
+            max_wal_rate: lift(ov.max_wal_rate, t.max_wal_rate),
+            slot,
+            autovacuum: ov.pause_on_autovacuum.unwrap_or(t.pause_on_autovacuum),
+            replica_lag: t.max_replica_lag,
+            throttle_query: t.throttle_query.clone(),
+        }
+    }
+}
+
+/// The limits in force for the next batch: the run's settings under the live overrides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub paused: bool,
+    /// The operator's batch size (adaptation stops while it is set).
+    pub batch_size: Option<u32>,
+    pub sleep: Duration,
+    pub max_rows_per_sec: Option<u32>,
+    /// Bytes of WAL per second.
+    pub max_wal_rate: Option<u64>,
+    pub slot: Option<SlotLimit>,
+    /// Hold during an anti-wraparound autovacuum of the table.
+    pub autovacuum: bool,
+    pub replica_lag: Option<Duration>,
+    pub throttle_query: Option<String>,
+}
+
+impl Limits {
+    /// Some signal must be sampled (and so a stale sample holds the backfill).
+    pub fn has_signals(&self) -> bool {
+        self.slot.is_some()
+            || self.autovacuum
+            || self.replica_lag.is_some()
+            || self.throttle_query.is_some()
+    }
+}
+
+/// What `max_slot_lag` watches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotLimit {
+    /// Bytes.
+    pub max_lag: u64,
+    /// Empty: every logical slot.
+    pub slots: Vec<String>,
+    pub ignore_inactive: bool,
+}
 
 /// The batch size in use, and how it adapts.
 #[derive(Debug, Clone)]
@@ -22,15 +128,16 @@ pub struct Sizer {
     target: Option<Duration>,
     /// Smoothed seconds per row of recent batches.
     per_row: Option<f64>,
-    /// An operator set the size live: adaptation stops until the override is removed.
-    pinned: bool,
+    /// An operator set the size live (adaptation stops until the override is
+    /// removed): the size in use before.
+    before_pin: Option<u32>,
 }
 
 /// Weight of the newest batch in the moving average of time per row.
 const EWMA_WEIGHT: f64 = 0.3;
 /// The most the size may shrink or grow from one batch to the next.
 const MIN_FACTOR: f64 = 0.5;
-const MAX_FACTOR: f64 = 1.5;
+const MAX_FACTOR: f64 = 2.0;
 
 impl Sizer {
     pub fn new(size: u32, min: u32, max: u32, target: Option<Duration>) -> Sizer {
@@ -42,7 +149,7 @@ impl Sizer {
             max,
             target,
             per_row: None,
-            pinned: false,
+            before_pin: None,
         }
     }
 
@@ -51,19 +158,26 @@ impl Sizer {
         self.size
     }
 
-    /// An operator's size (`pgshift throttle --batch-size`); `None` lifts the pin.
+    /// An operator's size (`pgshift throttle --batch-size`); `None` lifts the pin
+    /// and returns to the size in use before it (the plan's, or where adaptation was).
     pub fn pin(&mut self, size: Option<u32>) {
         match size {
             Some(n) => {
+                if self.before_pin.is_none() {
+                    self.before_pin = Some(self.size);
+                }
                 self.size = n.max(1);
-                self.pinned = true;
             }
-            None => self.pinned = false,
+            None => {
+                if let Some(s) = self.before_pin.take() {
+                    self.size = s;
+                }
+            }
         }
     }
 
     /// Learns from a committed batch: moves the size toward the target batch time,
-    /// by at most ×0.5..×1.5 per batch, within [min, max].
+    /// by at most ×0.5..×2 per batch (it reaches the size that meets the target within a few batches), within [min, max].
     pub fn observe(&mut self, rows: u64, elapsed: Duration) {
         let Some(target) = self.target else { return };
         if rows == 0 {
@@ -75,7 +189,7 @@ impl Sizer {
             None => sample,
         };
         self.per_row = Some(per_row);
-        if self.pinned || per_row <= 0.0 {
+        if self.before_pin.is_some() || per_row <= 0.0 {
             return;
         }
         let ideal = target.as_secs_f64() / per_row;
@@ -87,12 +201,48 @@ impl Sizer {
     /// A batch hit a timeout: halve the size (not below the minimum, nor below 1 when pinned).
     /// Returns false when it cannot get any smaller.
     pub fn shrink(&mut self) -> bool {
-        let floor = if self.pinned { 1 } else { self.min };
+        let floor = if self.before_pin.is_some() {
+            1
+        } else {
+            self.min
+        };
         let next = (self.size / 2).max(floor);
         let shrunk = next < self.size;
         self.size = next;
         shrunk
     }
+}
+
+/// How long to wait after a batch, and why when a cap (not the plain sleep) sets
+/// the pause: the rows/s cap or the WAL rate cap, each this worker's share of it.
+pub fn pace(a: &Applied, limits: &Limits, workers: u32) -> (Duration, Option<String>) {
+    let rows = pause_after(
+        a.picked,
+        a.elapsed,
+        Duration::ZERO,
+        limits.max_rows_per_sec,
+        workers,
+    );
+    let wal = match limits.max_wal_rate {
+        Some(rate) if rate > 0 => {
+            let share = rate as f64 / workers.max(1) as f64;
+            Duration::from_secs_f64(a.wal_bytes as f64 / share).saturating_sub(a.elapsed)
+        }
+        _ => Duration::ZERO,
+    };
+    let pause = limits.sleep.max(rows).max(wal);
+    let why = if pause.is_zero() || pause == limits.sleep {
+        None
+    } else if wal >= rows {
+        limits
+            .max_wal_rate
+            .map(|r| format!("WAL rate cap {}/s (max_wal_rate)", crate::bytes::format(r)))
+    } else {
+        limits
+            .max_rows_per_sec
+            .map(|r| format!("rate cap {r} rows/s (max_rows_per_sec)"))
+    };
+    (pause, why)
 }
 
 /// How long to wait after a batch of `rows` that took `elapsed`: the fixed sleep,
@@ -115,130 +265,6 @@ pub fn pause_after(
     sleep.max(paced)
 }
 
-/// A signal read before every batch that may hold the backfill.
-#[derive(Debug, Clone)]
-pub enum Signal {
-    /// Hold while any replica replays further behind than this.
-    ReplicaLag(Duration),
-    /// Hold while the plan's query returns true.
-    Query(String),
-}
-
-impl Signal {
-    /// `Ok(None)`: go. `Ok(Some(reason))`: hold. `Err(reason)`: the signal cannot be read,
-    /// which the caller treats as hold (fail closed).
-    pub async fn check(&self, client: &Client) -> Result<Option<String>, ReadError> {
-        match self {
-            Signal::ReplicaLag(max) => replica_lag(client, *max).await,
-            Signal::Query(sql) => {
-                let row = client
-                    .query_opt(sql.as_str(), &[])
-                    .await
-                    .map_err(|e| ReadError::from_db("throttle_query", e.into()))?;
-                let value = row
-                    .map(|r| r.try_get::<_, Option<bool>>(0))
-                    .transpose()
-                    .map_err(|e| {
-                        ReadError::Unreadable(format!(
-                            "throttle_query must return one boolean column: {e}"
-                        ))
-                    })?
-                    .flatten();
-                match value {
-                    Some(false) => Ok(None),
-                    Some(true) => Ok(Some("throttle_query returned true".into())),
-                    None => Err(ReadError::Unreadable(
-                        "throttle_query returned no row or NULL; holding until it returns false"
-                            .into(),
-                    )),
-                }
-            }
-        }
-    }
-}
-
-/// Why a signal could not be read.
-#[derive(Debug)]
-pub enum ReadError {
-    /// The query failed or returned nothing usable: hold and say why.
-    Unreadable(String),
-    /// The connection is gone: the worker reconnects.
-    ConnectionLost(db::Error),
-}
-
-impl ReadError {
-    fn from_db(what: &str, e: db::Error) -> ReadError {
-        if e.is_connection_lost() {
-            ReadError::ConnectionLost(e)
-        } else {
-            ReadError::Unreadable(format!("cannot read {what}: {e}"))
-        }
-    }
-}
-
-/// Replication lag from `pg_stat_replication`, the primary's view of its standbys.
-///
-/// `replay_lag` is NULL both for an idle, caught-up standby and for one that has
-/// not reported replay timing yet; the WAL position gap tells them apart, so a
-/// streaming standby with NULL lag but unreplayed WAL holds the backfill too.
-/// A role without `pg_monitor` sees NULL for every position: that is unreadable,
-/// not "no lag".
-///
-/// The other way round, `replay_lag` goes stale: it is the lag of the last WAL
-/// the standby replayed, and after a standby catches up the server keeps showing
-/// that figure (seconds, after a long pause) until two replies in a row say
-/// "fully replayed", up to `wal_receiver_status_interval` later. A standby that has
-/// replayed everything the primary has written is not behind, whatever the
-/// figure says, so it does not hold the backfill.
-async fn replica_lag(client: &Client, max: Duration) -> Result<Option<String>, ReadError> {
-    let rows = client
-        .query(
-            "SELECT coalesce(application_name, '?') || coalesce(' at ' || host(client_addr), ''),
-                    state,
-                    extract(epoch FROM replay_lag)::float8,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8
-             FROM pg_stat_replication",
-            &[],
-        )
-        .await
-        .map_err(|e| ReadError::from_db("replica lag", e.into()))?;
-    let max_secs = max.as_secs_f64();
-    let mut worst: Option<(f64, String)> = None;
-    for r in &rows {
-        let name: String = r.get(0);
-        let state: Option<String> = r.get(1);
-        let lag: Option<f64> = r.get(2);
-        let gap: Option<f64> = r.get(3);
-        let Some(state) = state else {
-            return Err(ReadError::Unreadable(format!(
-                "cannot read the lag of replica {name}: the role sees no details in pg_stat_replication (grant it pg_monitor)"
-            )));
-        };
-        match (lag, gap) {
-            // Everything written has been replayed: a leftover `replay_lag` is stale.
-            (_, Some(gap)) if gap <= 0.0 => {}
-            (Some(lag), _) if lag > max_secs && worst.as_ref().is_none_or(|(w, _)| lag > *w) => {
-                worst = Some((lag, name));
-            }
-            (None, Some(gap)) if state == "streaming" && gap > 0.0 => {
-                return Ok(Some(format!(
-                    "replica {name} has {} bytes of WAL not replayed and reports no replay lag yet",
-                    gap as u64
-                )));
-            }
-            (None, None) if state == "streaming" => {
-                return Err(ReadError::Unreadable(format!(
-                    "cannot read the lag of replica {name}: no replay position reported"
-                )));
-            }
-            _ => {}
-        }
-    }
-    Ok(worst.map(|(lag, name)| {
-        format!("replica {name} replays {lag:.1}s behind (limit {max_secs:.1}s)")
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,10 +275,10 @@ mod tests {
         // 1000 rows in 1 s: ideal is 100 rows, but one step may only halve.
         s.observe(1000, Duration::from_secs(1));
         assert_eq!(s.size(), 500);
-        // Fast batches grow it by at most half.
+        // Fast batches at most double it.
         let mut f = Sizer::new(1000, 100, 50_000, Some(Duration::from_millis(100)));
         f.observe(1000, Duration::from_millis(1));
-        assert_eq!(f.size(), 1500);
+        assert_eq!(f.size(), 2000);
         // Never past the bounds.
         let mut b = Sizer::new(120, 100, 50_000, Some(Duration::from_millis(100)));
         b.observe(120, Duration::from_secs(10));
@@ -268,6 +294,10 @@ mod tests {
         p.pin(Some(700));
         p.observe(700, Duration::from_secs(5));
         assert_eq!(p.size(), 700);
+        // Lifting the pin returns to the size in use before it.
+        p.pin(Some(300));
+        p.pin(None);
+        assert_eq!(p.size(), 1000);
     }
 
     #[test]

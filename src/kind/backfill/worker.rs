@@ -1,42 +1,67 @@
 //! The workers of a backfill: each runs batches over its own key range on a
-//! connection of its own, reads the operator's live overrides and the throttle
-//! signals between batches, reconnects after a lost connection, and stops
-//! between batches when cancelled.
+//! connection of its own (session timeouts set once, both forms of the batch
+//! statement prepared once), one round trip per batch. Between batches a worker
+//! reads only memory: the signals its step's coordinator sampled, and the
+//! overrides its last batch returned. It reconnects after a lost connection,
+//! stops between batches when cancelled, and stops for good when fenced.
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
-use tokio_postgres::GenericClient;
+use tokio::sync::watch;
+use tokio_postgres::{Client, GenericClient, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::BackfillSpec;
-use super::batch;
-use super::ranges::{Range, Settings};
-use super::throttle::{self, ReadError, Signal, Sizer};
+use super::batch::{self, Applied, Outcome};
+use super::coordinator::{Gate, INTERVAL};
+use super::ranges::Range;
+use super::throttle::{self, Limits, Settings, Sizer};
 use crate::control::{Event, Overrides};
 use crate::db;
-use crate::engine::{BackfillProgress, Error, StepCx};
+use crate::engine::{BackfillProgress, Error, Fence, StepCx};
 
-/// What the workers of one run share.
+/// What the workers and the coordinator of one run share.
 pub struct Shared {
     pub sx: StepCx,
     pub spec: BackfillSpec,
+    /// The batch statement from the start of a range, and after a checkpoint.
     pub sql_first: String,
     pub sql_next: String,
     /// Cancelled by the operator's token, or by the first worker that fails.
     pub stop: CancellationToken,
+    pub fence: Fence,
     pub workers: u32,
-    pub rows_done: AtomicU64,
-    pub rows_at_start: u64,
-    pub rows_total: Option<u64>,
-    pub started: Instant,
     pub settings: Settings,
-    /// The overrides last seen by any worker, so a change is logged once.
-    pub live: Mutex<Option<Overrides>>,
-    pub signals: Vec<Signal>,
+    /// The step's counts as the batches report them (the ranges hold the truth).
+    pub rows_done: AtomicU64,
+    pub rows_updated: AtomicU64,
+    pub rows_total: Option<u64>,
+    /// The highest WAL insert position a batch ended at (for the slot lag projection).
+    pub wal: AtomicU64,
+    /// The batch size last used.
+    pub batch_size: AtomicU32,
+    /// Rate and ETA over the recent window, computed by the coordinator.
+    pub figures: Mutex<Figures>,
+    /// When this run started, and the rows done then (the rate before the window fills).
+    pub started: (Instant, u64),
+    /// The cap that set the last pause, if one did (rows/s, WAL rate).
+    pub slowed: Mutex<Option<String>>,
+    /// A worker held for a reason of its own since the coordinator's last sample
+    /// (a slot's lag projected with our batches' WAL, a stale sample): the
+    /// coordinator records it.
+    pub episode: Mutex<Option<String>>,
+    pub gate: watch::Receiver<Gate>,
+}
+
+/// The step's current rate and ETA.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Figures {
+    pub rows_per_sec: f64,
+    pub eta: Option<Duration>,
 }
 
 /// How a worker ended without an error.
@@ -47,21 +72,9 @@ pub enum End {
     Stopped,
 }
 
-/// The limits in force for the next batch.
-struct Live {
-    paused: bool,
-    batch_size: Option<u32>,
-    sleep: Duration,
-    max_rows_per_sec: Option<u32>,
-}
-
 impl Shared {
     pub fn name(&self) -> &str {
         &self.sx.step
-    }
-
-    fn db_error(&self, e: db::Error) -> Error {
-        self.sx.db_error(e)
     }
 
     /// Records `event` on `c`; a failure is only logged (it must not stop the batches).
@@ -71,125 +84,86 @@ impl Shared {
         }
     }
 
-    /// Applies the operator's live overrides over the run's settings; logs a change once.
-    async fn overrides(&self, c: &impl GenericClient) -> Result<Live, db::Error> {
-        let ov = self
-            .sx
-            .cx
-            .control
-            .overrides(c, &self.sx.plan, self.name())
-            .await?;
-        let changed = {
-            let mut seen = self.live.lock().unwrap_or_else(|p| p.into_inner());
-            let changed = seen.as_ref() != Some(&ov);
-            let first = seen.is_none();
-            *seen = Some(ov.clone());
-            // Overrides already present at start are applied too, and said once.
-            changed && !(first && ov.is_empty())
-        };
-        if changed {
-            self.sx.cx.reporter.message(&format!(
-                "step `{}`: operator overrides applied: {}",
-                self.name(),
-                ov.to_json()
-            ));
-            self.event(c, &Event::OverrideApplied(ov.clone())).await;
-        }
-        Ok(Live {
-            paused: ov.paused.unwrap_or(false),
-            batch_size: ov
-                .batch_size
-                .filter(|n| *n > 0)
-                .map(|n| n.min(crate::plan::defaults::BATCH_SIZE_LIMIT)),
-            sleep: ov
-                .sleep_ms
-                .map(Duration::from_millis)
-                .unwrap_or(self.settings.sleep),
-            max_rows_per_sec: match ov.max_rows_per_sec {
-                Some(0) => None,
-                Some(n) => Some(n),
-                None => self.settings.max_rows_per_sec,
-            },
-        })
-    }
-
-    fn report(&self, worker: i32, batch_size: u32, throttled: Option<String>) {
+    /// Tells the reporter where the step stands; `throttled` with `held` when no batch runs.
+    pub fn report(&self, worker: i32, batch_size: u32, throttled: Option<String>, held: bool) {
+        let mut f = *self.figures.lock().unwrap_or_else(|p| p.into_inner());
         let done = self.rows_done.load(Ordering::Relaxed);
-        let secs = self.started.elapsed().as_secs_f64();
-        let rate = if secs > 0.0 {
-            done.saturating_sub(self.rows_at_start) as f64 / secs
-        } else {
-            0.0
-        };
+        let (t0, d0) = self.started;
+        if f.rows_per_sec == 0.0 && t0.elapsed() < 2 * INTERVAL && done > d0 {
+            // Before the coordinator's first window: the rate since the start.
+            f.rows_per_sec = (done - d0) as f64 / t0.elapsed().as_secs_f64().max(1e-3);
+        }
         self.sx.cx.reporter.backfill(
             self.name(),
             &BackfillProgress {
-                worker: worker as u32,
+                worker: worker.max(0) as u32,
                 workers: self.workers,
                 rows_done: done,
                 rows_total: self.rows_total,
-                rows_per_sec: rate,
+                rows_per_sec: f.rows_per_sec,
                 batch_size,
                 throttled,
+                held,
+                eta: if held { None } else { f.eta },
             },
         );
     }
 
-    /// Sleeps for `d` unless stopped first; false when stopped.
-    async fn sleep(&self, d: Duration) -> bool {
+    fn lock_lost(&self, why: &str) -> Error {
+        Error::LockLost {
+            plan: self.sx.plan.clone(),
+            step: self.name().to_string(),
+            why: why.to_string(),
+        }
+    }
+
+    /// Stops when the run is cancelled or its lock is gone; otherwise waits for `d`.
+    async fn sleep(&self, d: Duration) -> Result<(), Interrupt> {
         tokio::select! {
-            _ = self.stop.cancelled() => false,
-            _ = tokio::time::sleep(d) => true,
+            _ = self.stop.cancelled() => Err(Interrupt::Stopped),
+            _ = self.fence.lost.cancelled() => Err(Interrupt::Error(self.lock_lost("its lock connection is gone"))),
+            _ = tokio::time::sleep(d) => Ok(()),
         }
     }
+}
 
-    /// A pooled connection again after `lost`, retrying with backoff for up to
-    /// `reconnect_timeout`. `Ok(None)`: stopped while waiting.
-    async fn reconnect(&self, lost: db::Error) -> Result<Option<deadpool_postgres::Object>, Error> {
-        let since = Instant::now();
-        let mut last = lost;
-        let mut attempt = 0;
-        let cx = &self.sx.cx;
-        cx.reporter.message(&format!(
-            "step `{}`: lost the connection ({last}); reconnecting for up to {}s",
-            self.name(),
-            cx.options.reconnect_timeout.as_secs()
-        ));
-        loop {
-            if since.elapsed() >= cx.options.reconnect_timeout {
-                return Err(Error::ConnectionLost {
-                    step: self.name().to_string(),
-                    source: last,
-                });
-            }
-            attempt += 1;
-            if !self.sleep(db::backoff(attempt)).await {
-                return Ok(None);
-            }
-            match db::get(&cx.pool, &cx.target).await {
-                Ok(c) => return Ok(Some(c)),
-                Err(e) if e.is_connection_lost() => last = e,
-                Err(e) => return Err(self.db_error(e)),
-            }
-        }
-    }
+/// A worker's connection: its own, with the session set up and the statements prepared.
+struct Conn {
+    client: Client,
+    first: Statement,
+    next: Statement,
+}
 
-    /// The worker's committed checkpoint (after a reconnect, the truth may differ from memory).
-    async fn checkpoint(
-        &self,
-        c: &impl GenericClient,
-        worker: i32,
-    ) -> Result<(Option<Json>, bool), db::Error> {
-        let r = c
-            .query_one(
-                &self.sx.cx.control.sql(
-                    "SELECT last_key, done FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2 AND worker = $3",
-                ),
-                &[&self.sx.plan, &self.name(), &worker],
-            )
-            .await?;
-        Ok((r.get(0), r.get(1)))
-    }
+/// Opens the worker's connection. Session settings are safe here: the
+/// connection is the worker's alone and is closed when the worker ends.
+async fn open(sh: &Shared) -> Result<Conn, db::Error> {
+    let client = db::connect(&sh.sx.cx.target).await?;
+    // Values are integers rendered here: nothing from a plan is spliced into this text.
+    //
+    // A generic plan: the batch statement is planned once per connection, not per batch.
+    //
+    // synchronous_commit off: a batch does not wait for its commit to reach the disk
+    // before the next one starts (20-35 % of a 1,000-row batch on the benchmark's
+    // machine). Nothing is lost by it: a batch and its checkpoint are one transaction,
+    // so a server crash can only drop a tail of whole batches together with their
+    // checkpoints (at most 3 × wal_writer_delay, 600 ms by default), which resume
+    // redoes; and the step's `succeeded` mark, committed synchronously after the
+    // last batch, flushes every batch before it. Decoding and streaming replication
+    // only ever see flushed WAL. https://www.postgresql.org/docs/current/wal-async-commit.html
+    client
+        .batch_execute(&format!(
+            "SET lock_timeout = '{}ms'; SET statement_timeout = '{}ms'; SET plan_cache_mode = force_generic_plan; SET synchronous_commit = off",
+            sh.sx.lock_timeout.as_millis(),
+            sh.sx.statement_timeout.as_millis()
+        ))
+        .await?;
+    let first = client.prepare(&sh.sql_first).await?;
+    let next = client.prepare(&sh.sql_next).await?;
+    Ok(Conn {
+        client,
+        first,
+        next,
+    })
 }
 
 /// Why a worker's loop must get a new connection or stop.
@@ -197,6 +171,34 @@ enum Interrupt {
     Lost(db::Error),
     Stopped,
     Error(Error),
+}
+
+struct WorkerState {
+    worker: i32,
+    from_start: bool,
+    sizer: Sizer,
+    /// The operator's batch size last applied.
+    pinned: Option<u32>,
+    /// The limits in force, and when the overrides they come from were read.
+    limits: Limits,
+    limits_at: Instant,
+    /// A batch found the step paused at this gate tick: wait for a newer one.
+    paused_at: Option<u64>,
+}
+
+impl WorkerState {
+    /// Applies overrides read at `at`, unless newer ones were applied already.
+    fn apply(&mut self, settings: &Settings, ov: &Overrides, at: Instant) {
+        if at < self.limits_at {
+            return;
+        }
+        self.limits = settings.limits(ov);
+        self.limits_at = at;
+        if self.limits.batch_size != self.pinned {
+            self.pinned = self.limits.batch_size;
+            self.sizer.pin(self.pinned);
+        }
+    }
 }
 
 /// One worker: batches over its range until done, stopped, or failed.
@@ -213,6 +215,7 @@ pub async fn work(sh: Arc<Shared>, range: Range) -> Result<End, Error> {
             .unwrap_or(sh.settings.batch_size)
     };
     let t = &sh.spec.throttle;
+    let gate = sh.gate.borrow().clone();
     let mut st = WorkerState {
         worker: range.worker,
         from_start: range.last_key.is_none(),
@@ -223,251 +226,347 @@ pub async fn work(sh: Arc<Shared>, range: Range) -> Result<End, Error> {
             sh.settings.target_batch_time,
         ),
         pinned: None,
-        held: None,
+        limits: gate.limits.clone(),
+        limits_at: gate.at,
+        paused_at: None,
     };
-    let mut conn = match db::get(&sh.sx.cx.pool, &sh.sx.cx.target).await {
-        Ok(c) => c,
-        Err(e) if e.is_connection_lost() => match sh.reconnect(e).await? {
-            Some(c) => c,
-            None => return Ok(End::Stopped),
-        },
-        Err(e) => return Err(sh.db_error(e)),
-    };
+    st.apply(&sh.settings, &gate.overrides, gate.at);
+    let mut lost = None;
     loop {
+        let conn = match lost.take() {
+            None => match open(&sh).await {
+                Ok(c) => c,
+                Err(e) if e.is_connection_lost() => match reconnect(&sh, e).await? {
+                    Some(c) => c,
+                    None => return Ok(End::Stopped),
+                },
+                Err(e) => return Err(sh.sx.db_error(e)),
+            },
+            Some(e) => match reconnect(&sh, e).await? {
+                Some(c) => c,
+                None => return Ok(End::Stopped),
+            },
+        };
         match run_worker(&sh, &conn, &mut st).await {
             Ok(end) => return Ok(end),
             Err(Interrupt::Stopped) => return Ok(End::Stopped),
             Err(Interrupt::Error(e)) => return Err(e),
             Err(Interrupt::Lost(e)) => {
-                drop(deadpool_postgres::Object::take(conn));
-                conn = match sh.reconnect(e).await? {
-                    Some(c) => c,
-                    None => return Ok(End::Stopped),
-                };
-                match sh.checkpoint(&**conn, st.worker).await {
-                    Ok((_, true)) => return Ok(End::Done),
-                    Ok((last, false)) => st.from_start = last.is_none(),
-                    Err(e) => return Err(sh.db_error(e)),
-                }
+                drop(conn);
+                lost = Some(e);
             }
         }
     }
 }
 
-struct WorkerState {
-    worker: i32,
-    from_start: bool,
-    sizer: Sizer,
-    /// The live batch size override last applied.
-    pinned: Option<u32>,
-    /// Why the worker is held right now, if it is (a change is logged once).
-    held: Option<String>,
+/// A connection again after `lost`, retrying with backoff for up to
+/// `reconnect_timeout`; the worker's checkpoint is read again on it (the truth
+/// may differ from memory). `Ok(None)`: stopped while waiting.
+async fn reconnect(sh: &Shared, lost: db::Error) -> Result<Option<Conn>, Error> {
+    let since = Instant::now();
+    let mut last = lost;
+    let mut attempt = 0;
+    let cx = &sh.sx.cx;
+    cx.reporter.message(&format!(
+        "step `{}`: lost the connection ({last}); reconnecting for up to {}s",
+        sh.name(),
+        cx.options.reconnect_timeout.as_secs()
+    ));
+    loop {
+        if since.elapsed() >= cx.options.reconnect_timeout {
+            return Err(Error::ConnectionLost {
+                step: sh.name().to_string(),
+                source: last,
+            });
+        }
+        attempt += 1;
+        match sh.sleep(db::backoff(attempt)).await {
+            Ok(()) => {}
+            Err(Interrupt::Error(e)) => return Err(e),
+            Err(_) => return Ok(None),
+        }
+        match open(sh).await {
+            Ok(c) => return Ok(Some(c)),
+            Err(e) if e.is_connection_lost() => last = e,
+            Err(e) => return Err(sh.sx.db_error(e)),
+        }
+    }
 }
 
 fn classify(sh: &Shared, e: db::Error) -> Interrupt {
     if e.is_connection_lost() {
         Interrupt::Lost(e)
     } else {
-        Interrupt::Error(sh.db_error(e))
+        Interrupt::Error(sh.sx.db_error(e))
     }
 }
 
 /// The batch loop on one connection; returns on the end of the range or an interruption.
-async fn run_worker(
-    sh: &Shared,
-    conn: &deadpool_postgres::Object,
-    st: &mut WorkerState,
-) -> Result<End, Interrupt> {
-    let client: &tokio_postgres::Client = conn;
-    let mut timeouts = 0u32;
+async fn run_worker(sh: &Shared, conn: &Conn, st: &mut WorkerState) -> Result<End, Interrupt> {
+    let mut failures = 0u32;
+    let mut missed = 0u32;
+    // A statement the server never answers is cancelled (and the connection replaced).
+    let backstop = sh.sx.statement_timeout + Duration::from_secs(30);
     loop {
         if sh.stop.is_cancelled() {
             return Err(Interrupt::Stopped);
         }
-        let live = hold(sh, client, st).await?;
-        if live.batch_size != st.pinned {
-            st.pinned = live.batch_size;
-            st.sizer.pin(live.batch_size);
+        if sh.fence.lost.is_cancelled() {
+            return Err(Interrupt::Error(
+                sh.lock_lost("its lock connection is gone"),
+            ));
         }
+        wait_clear(sh, st).await?;
         let size = st.sizer.size();
-        let sql = if st.from_start {
-            &sh.sql_first
+        let stmt = if st.from_start {
+            &conn.first
         } else {
-            &sh.sql_next
+            &conn.next
         };
-        let stmt = conn
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| classify(sh, e.into()))?;
-        let result = batch::apply(
-            client,
-            &stmt,
-            (sh.sx.lock_timeout, sh.sx.statement_timeout),
-            (&sh.sx.plan, sh.name(), st.worker, size as i64),
-        )
-        .await;
-        let applied = match result {
-            Ok(a) => a,
-            Err(e) if e.is_connection_lost() => return Err(Interrupt::Lost(e)),
-            Err(e) if e.is_canceled() || e.is_retryable() => {
-                timeouts += 1;
-                if timeouts > sh.sx.retries {
-                    return Err(Interrupt::Error(sh.db_error(e)));
-                }
-                // A timeout says the batch is too big for the moment; a deadlock or
-                // serialization failure just needs another try.
-                let timed_out = e.is_canceled() || e.sqlstate() == Some("55P03");
-                if timed_out {
-                    st.sizer.shrink();
-                }
-                let wait = db::backoff(timeouts);
-                sh.sx.cx.reporter.message(&format!(
-                    "step `{}`: batch of {size} rows failed ({e}); retry {timeouts} of {} in {}ms with {} rows",
-                    sh.name(),
-                    sh.sx.retries,
-                    wait.as_millis(),
-                    st.sizer.size()
-                ));
-                let retry = Event::BatchRetry {
-                    worker: st.worker,
-                    sqlstate: e.sqlstate().map(str::to_string),
-                    error: e.to_string(),
-                    attempt: timeouts,
-                    batch_size: size,
-                    next_batch_size: st.sizer.size(),
-                };
-                sh.event(client, &retry).await;
-                if !sh.sleep(wait).await {
-                    return Err(Interrupt::Stopped);
-                }
+        let params = (
+            sh.sx.plan.as_str(),
+            sh.name(),
+            st.worker,
+            size as i64,
+            sh.fence.epoch,
+        );
+        let at = Instant::now();
+        let applied = match batch::apply(&conn.client, stmt, params, backstop).await {
+            Ok(Outcome::Applied(a)) => a,
+            Ok(Outcome::Paused(ov)) => {
+                st.apply(&sh.settings, &ov, at);
+                st.paused_at = Some(sh.gate.borrow().tick);
                 continue;
             }
-            Err(e) => return Err(Interrupt::Error(sh.db_error(e))),
+            Ok(Outcome::Fenced) => return Err(fenced(sh, &conn.client, st.worker).await),
+            Ok(Outcome::Missed(ov)) => {
+                st.apply(&sh.settings, &ov, at);
+                missed += 1;
+                match recheck(sh, &conn.client, st, missed).await? {
+                    Some(end) => return Ok(end),
+                    None => continue,
+                }
+            }
+            Err(e) if e.is_connection_lost() => return Err(Interrupt::Lost(e)),
+            Err(e) if e.is_canceled() || e.is_retryable() => {
+                failures += 1;
+                retry(sh, &conn.client, st, e, size, failures).await?;
+                continue;
+            }
+            Err(e) => return Err(Interrupt::Error(sh.sx.db_error(e))),
         };
-        timeouts = 0;
-        if applied.last_key.is_some() {
-            st.from_start = false;
-        }
-        st.sizer.observe(applied.picked, applied.elapsed);
-        sh.rows_done.fetch_add(applied.picked, Ordering::Relaxed);
-        sh.report(st.worker, st.sizer.size(), None);
-        tracing::debug!(
-            step = sh.name(),
-            worker = st.worker,
-            picked = applied.picked,
-            changed = applied.changed,
-            ms = applied.elapsed.as_millis() as u64,
-            "batch committed"
-        );
-        if applied.done {
+        failures = 0;
+        missed = 0;
+        if after_batch(sh, st, &applied, at) {
             return Ok(End::Done);
         }
-        let pause = throttle::pause_after(
-            applied.picked,
-            applied.elapsed,
-            live.sleep,
-            live.max_rows_per_sec,
-            sh.workers,
-        );
-        if !pause.is_zero() && !sh.sleep(pause).await {
-            return Err(Interrupt::Stopped);
-        }
+        pace(sh, st, &applied).await?;
     }
 }
 
-/// Reads the overrides and the signals; waits (re-checking every second) while
-/// paused or held. Returns the limits for the next batch.
-async fn hold(
-    sh: &Shared,
-    client: &tokio_postgres::Client,
-    st: &mut WorkerState,
-) -> Result<Live, Interrupt> {
+/// Books a committed batch; true when the worker's range is finished.
+fn after_batch(sh: &Shared, st: &mut WorkerState, a: &Applied, at: Instant) -> bool {
+    if a.last_key.is_some() {
+        st.from_start = false;
+    }
+    st.apply(&sh.settings, &a.overrides, at);
+    st.sizer.observe(a.picked, a.elapsed);
+    sh.rows_done.fetch_add(a.picked, Ordering::Relaxed);
+    sh.rows_updated.fetch_add(a.changed, Ordering::Relaxed);
+    sh.wal.fetch_max(a.wal_end, Ordering::Relaxed);
+    sh.batch_size.store(a.size, Ordering::Relaxed);
+    let slowed = sh.slowed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    sh.report(st.worker, st.sizer.size(), slowed, false);
+    tracing::debug!(
+        step = sh.name(),
+        worker = st.worker,
+        picked = a.picked,
+        changed = a.changed,
+        wal = a.wal_bytes,
+        ms = a.elapsed.as_millis() as u64,
+        "batch committed"
+    );
+    a.done
+}
+
+/// Waits after a batch as the sleep and the caps ask; a change of the operator's
+/// overrides (seen by the coordinator) re-computes the wait at once, so lifting a
+/// cap or pausing does not wait for a long pause to run out.
+async fn pace(sh: &Shared, st: &mut WorkerState, a: &Applied) -> Result<(), Interrupt> {
+    let ended = Instant::now();
+    let mut rx = sh.gate.clone();
+    rx.borrow_and_update();
     loop {
-        let live = sh.overrides(client).await.map_err(|e| classify(sh, e))?;
-        let mut reason = None;
-        if live.paused {
-            reason =
-                Some("paused by operator (pgshift throttle --unpause to continue)".to_string());
-        } else {
-            for s in &sh.signals {
-                match s.check(client).await {
-                    Ok(None) => {}
-                    Ok(Some(why)) => {
-                        reason = Some(why);
-                        break;
-                    }
-                    Err(ReadError::Unreadable(why)) => {
-                        reason = Some(format!("{why}; holding until it can be read"));
-                        break;
-                    }
-                    Err(ReadError::ConnectionLost(e)) => return Err(Interrupt::Lost(e)),
-                }
+        let (pause, why) = throttle::pace(a, &st.limits, sh.workers);
+        {
+            let mut slowed = sh.slowed.lock().unwrap_or_else(|p| p.into_inner());
+            if *slowed != why {
+                *slowed = why;
             }
         }
-        match reason {
-            None => {
-                if let Some(was) = st.held.take() {
-                    let released = Event::ThrottleReleased {
-                        worker: st.worker,
-                        was,
-                    };
-                    sh.event(client, &released).await;
+        let left = pause.saturating_sub(ended.elapsed());
+        if left.is_zero() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = sh.stop.cancelled() => return Err(Interrupt::Stopped),
+            _ = sh.fence.lost.cancelled() => return Err(Interrupt::Error(sh.lock_lost("its lock connection is gone"))),
+            _ = tokio::time::sleep(left) => return Ok(()),
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    tokio::time::sleep(left).await;
+                    return Ok(());
                 }
-                return Ok(live);
-            }
-            Some(why) => {
-                if st.held.as_deref().map(hold_kind) != Some(hold_kind(&why)) {
-                    sh.sx.cx.reporter.message(&format!(
-                        "step `{}` worker {}: holding: {why}",
-                        sh.name(),
-                        st.worker
-                    ));
-                    let hold = Event::ThrottleHold {
-                        worker: st.worker,
-                        reason: why.clone(),
-                    };
-                    sh.event(client, &hold).await;
-                    st.held = Some(why.clone());
-                }
-                sh.report(st.worker, st.sizer.size(), Some(why));
-                if !sh.sleep(Duration::from_secs(1)).await {
-                    return Err(Interrupt::Stopped);
+                let g = rx.borrow_and_update().clone();
+                st.apply(&sh.settings, &g.overrides, g.at);
+                if g.hold.is_some() {
+                    return Ok(());
                 }
             }
         }
     }
 }
 
-/// A hold reason without its figures, so that "replays 4.2s behind" then "replays
-/// 5.3s behind" is one hold (one event, one message), not a new one every second.
-fn hold_kind(why: &str) -> String {
-    let mut out = String::with_capacity(why.len());
-    for c in why.chars() {
-        let in_number = out.ends_with('#');
-        if c.is_ascii_digit() || (c == '.' && in_number) {
-            if !in_number {
-                out.push('#');
-            }
-        } else {
-            out.push(c);
+/// Waits while anything holds the worker: the coordinator's signals (or their
+/// sample growing stale), the slot lag projected with our own batches' WAL, or a
+/// pause this worker's last batch found.
+async fn wait_clear(sh: &Shared, st: &mut WorkerState) -> Result<(), Interrupt> {
+    let mut rx = sh.gate.clone();
+    let mut shown: Option<String> = None;
+    loop {
+        let g = rx.borrow_and_update().clone();
+        st.apply(&sh.settings, &g.overrides, g.at);
+        let Some(why) = hold_reason(sh, st, &g) else {
+            return Ok(());
+        };
+        if shown.as_deref() != Some(why.as_str()) {
+            sh.report(st.worker, st.sizer.size(), Some(why.clone()), true);
+            shown = Some(why.clone());
+        }
+        if g.hold.is_none() {
+            *sh.episode.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        }
+        tokio::select! {
+            _ = sh.stop.cancelled() => return Err(Interrupt::Stopped),
+            _ = sh.fence.lost.cancelled() => return Err(Interrupt::Error(sh.lock_lost("its lock connection is gone"))),
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep(INTERVAL) => {}
         }
     }
-    out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::hold_kind;
-
-    #[test]
-    fn a_hold_whose_figure_changes_is_the_same_hold() {
-        assert_eq!(
-            hold_kind("replica r replays 4.2s behind (limit 1.0s)"),
-            hold_kind("replica r replays 13.75s behind (limit 1.0s)")
-        );
-        assert_ne!(
-            hold_kind("replica r replays 4.2s behind (limit 1.0s)"),
-            hold_kind("throttle_query returned true")
-        );
+fn hold_reason(sh: &Shared, st: &mut WorkerState, g: &Gate) -> Option<String> {
+    if let Some(tick) = st.paused_at {
+        if g.tick <= tick {
+            return Some(super::coordinator::PAUSED.to_string());
+        }
+        st.paused_at = None;
     }
+    if let Some(h) = &g.hold {
+        return Some(h.clone());
+    }
+    let age = g.at.elapsed();
+    if st.limits.has_signals() && age > 2 * INTERVAL {
+        return Some(format!(
+            "the throttle signals were last read {:.1}s ago (their sampler is slow or reconnecting); holding until they are read again",
+            age.as_secs_f64()
+        ));
+    }
+    if let Some(w) = &g.slot {
+        let lag = w.lag(sh.wal.load(Ordering::Relaxed));
+        if lag > w.max_lag {
+            return Some(w.reason(lag));
+        }
+    }
+    None
+}
+
+/// The batch hit a timeout, a deadlock or a serialization failure: wait and retry,
+/// smaller after a timeout. Errors out after the step's retries.
+async fn retry(
+    sh: &Shared,
+    client: &Client,
+    st: &mut WorkerState,
+    e: db::Error,
+    size: u32,
+    failures: u32,
+) -> Result<(), Interrupt> {
+    if failures > sh.sx.retries {
+        return Err(Interrupt::Error(sh.sx.db_error(e)));
+    }
+    // A timeout says the batch is too big for the moment; a deadlock or
+    // serialization failure just needs another try.
+    if e.is_canceled() || e.sqlstate() == Some("55P03") {
+        st.sizer.shrink();
+    }
+    let wait = db::backoff(failures);
+    sh.sx.cx.reporter.message(&format!(
+        "step `{}`: batch of {size} rows failed ({e}); retry {failures} of {} in {}ms with {} rows",
+        sh.name(),
+        sh.sx.retries,
+        wait.as_millis(),
+        st.sizer.size()
+    ));
+    let retry = Event::BatchRetry {
+        worker: st.worker,
+        sqlstate: e.sqlstate().map(str::to_string),
+        error: e.to_string(),
+        attempt: failures,
+        batch_size: size,
+        next_batch_size: st.sizer.size(),
+    };
+    sh.event(client, &retry).await;
+    sh.sleep(wait).await
+}
+
+/// A newer run owns the plan or this range: record it, and stop for good.
+async fn fenced(sh: &Shared, client: &Client, worker: i32) -> Interrupt {
+    let event = Event::BackfillFenced {
+        worker,
+        epoch: sh.fence.epoch,
+    };
+    sh.event(client, &event).await;
+    Interrupt::Error(sh.lock_lost("another runner took the plan over"))
+}
+
+/// The statement applied nothing and the step is not paused: read the worker's range.
+/// `Some(Done)` when it is finished; `None` to continue with the right form.
+async fn recheck(
+    sh: &Shared,
+    client: &Client,
+    st: &mut WorkerState,
+    missed: u32,
+) -> Result<Option<End>, Interrupt> {
+    let row = client
+        .query_opt(
+            &sh.sx.cx.control.sql(
+                "SELECT last_key, done, epoch FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2 AND worker = $3",
+            ),
+            &[&sh.sx.plan, &sh.name(), &st.worker],
+        )
+        .await
+        .map_err(|e| classify(sh, e.into()))?;
+    let Some(row) = row else {
+        return Err(Interrupt::Error(sh.lock_lost(
+            "its range is gone from the control table (the step was rolled back or reset)",
+        )));
+    };
+    let (last, done, epoch): (Option<Json>, bool, i64) = (row.get(0), row.get(1), row.get(2));
+    if done {
+        return Ok(Some(End::Done));
+    }
+    if epoch != sh.fence.epoch {
+        return Err(fenced(sh, client, st.worker).await);
+    }
+    if missed > 2 {
+        return Err(Interrupt::Error(Error::Internal {
+            step: sh.name().to_string(),
+            message: format!(
+                "worker {}'s batch applied nothing three times in a row although its range is not done (checkpoint {last:?})",
+                st.worker
+            ),
+        }));
+    }
+    st.from_start = last.is_none();
+    Ok(None)
 }
