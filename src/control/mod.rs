@@ -5,6 +5,8 @@
 //! `succeeded` mark is written inside the step's own transaction, so the record
 //! and the change commit together or not at all.
 
+mod failures;
+pub mod migrations;
 pub mod types;
 
 use serde_json::Value as Json;
@@ -12,10 +14,12 @@ use tokio_postgres::{Client, GenericClient, Row};
 
 use crate::db::Error;
 use crate::ident::quote_ident;
+pub use failures::TriggerFailure;
 pub use types::{Checkpoint, Event, Overrides, Status};
 
-/// The version of `schema.sql`; bump it with a migration when the tables change.
-pub const SCHEMA_VERSION: i32 = 1;
+/// The version of the control schema this pgshift writes: `schema.sql` creates
+/// version 1, and each script of `migrations` brings it one version further.
+pub const SCHEMA_VERSION: i32 = 2;
 
 const SCHEMA_SQL: &str = include_str!("schema.sql");
 
@@ -143,14 +147,10 @@ impl Control {
             .map_err(|e| self.no_usage(e))?
             .get(0);
         if exists {
-            return self.check_version(client).await;
+            return self.bring_up_to_date(client).await;
         }
         let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('pgshift control schema ' || $1, 0))",
-            &[&self.schema],
-        )
-        .await?;
+        tx.execute(migrations::LOCK_SQL, &[&self.schema]).await?;
         // Another runner may have created it while we waited for the lock. Running
         // the script again would not be a no-op: `CREATE INDEX IF NOT EXISTS`
         // takes a SHARE lock on its table before it finds the index there, and so
@@ -168,7 +168,7 @@ impl Control {
             .get(0);
         if created {
             tx.commit().await?;
-            return self.check_version(client).await;
+            return self.bring_up_to_date(client).await;
         }
         let script = self
             .sql(SCHEMA_SQL)
@@ -185,7 +185,16 @@ impl Control {
             }
         })?;
         tx.commit().await?;
-        self.check_version(client).await
+        self.bring_up_to_date(client).await
+    }
+
+    /// Upgrades a control schema of an earlier version in place (see `migrations`).
+    async fn bring_up_to_date(&self, client: &mut Client) -> Result<(), Error> {
+        let version = self.check_version(client).await?;
+        if version < SCHEMA_VERSION {
+            self.upgrade(client, version).await?;
+        }
+        Ok(())
     }
 
     /// A permission error on the schema itself (it exists, owned by another role,
@@ -202,7 +211,8 @@ impl Control {
         ))
     }
 
-    async fn check_version(&self, client: &Client) -> Result<(), Error> {
+    /// The control schema's version: any this pgshift can read (1 up to [`SCHEMA_VERSION`]).
+    async fn check_version(&self, client: &Client) -> Result<i32, Error> {
         let v: Option<String> = client
             .query_opt(&self.sql("SELECT value FROM __SCHEMA__.meta WHERE key = 'schema_version'"), &[])
             .await
@@ -216,7 +226,7 @@ impl Control {
             })?
             .map(|r| r.get(0));
         match v.as_deref().map(str::parse::<i32>) {
-            Some(Ok(SCHEMA_VERSION)) => Ok(()),
+            Some(Ok(n)) if (1..=SCHEMA_VERSION).contains(&n) => Ok(n),
             Some(Ok(n)) if n > SCHEMA_VERSION => Err(Error::Refused(format!(
                 "the control schema `{}` has version {n}, newer than this pgshift understands ({SCHEMA_VERSION}); upgrade pgshift",
                 self.schema
