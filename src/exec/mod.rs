@@ -4,6 +4,8 @@
 //! in the control schema (`crate::control`).
 
 pub mod catalog;
+pub mod drift;
+pub mod failures;
 pub mod finalize;
 pub mod hooks;
 pub mod lock;
