@@ -22,6 +22,7 @@
 
 pub mod batch;
 mod key;
+mod narrow;
 mod ranges;
 mod spec;
 pub mod throttle;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::BackfillSpec;
 use super::batch;
+use super::narrow;
 use super::ranges::{Range, Settings};
 use super::throttle::{self, ReadError, Signal, Sizer};
 use crate::control::{Event, Overrides};
@@ -312,7 +313,7 @@ async fn run_worker(
             Err(e) if e.is_canceled() || e.is_retryable() => {
                 timeouts += 1;
                 if timeouts > sh.sx.retries {
-                    return Err(Interrupt::Error(sh.db_error(e)));
+                    return Err(Interrupt::Error(narrow::gave_up(sh, e, timeouts, size)));
                 }
                 // A timeout says the batch is too big for the moment; a deadlock or
                 // serialization failure just needs another try.
@@ -339,6 +340,16 @@ async fn run_worker(
                 sh.event(client, &retry).await;
                 if !sh.sleep(wait).await {
                     return Err(Interrupt::Stopped);
+                }
+                continue;
+            }
+            // A row's data failed the batch: find that row (see narrow.rs).
+            Err(e) if narrow::is_row_error(&e) => {
+                match narrow::narrow(sh, conn, e, size, st.worker, st.from_start).await {
+                    Ok(narrow::Narrowed::Row(err)) => return Err(Interrupt::Error(err)),
+                    Ok(narrow::Narrowed::Passed { done: true, .. }) => return Ok(End::Done),
+                    Ok(narrow::Narrowed::Passed { moved, .. }) => st.from_start &= !moved,
+                    Err(e) => return Err(classify(sh, e)),
                 }
                 continue;
             }
