@@ -34,11 +34,47 @@ pub struct TriggerFailure {
     pub resolution: Option<String>,
 }
 
+/// A row's key as an operator writes it in a WHERE clause: `id = 41`,
+/// `id = 17 AND tenant = 2`, `code = 'x7'`.
+pub fn key_text(key: &Json) -> String {
+    match key {
+        Json::Object(m) if !m.is_empty() => m
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Json::String(s) => quote_literal(s),
+                    Json::Null => "NULL".to_string(),
+                    other => other.to_string(),
+                };
+                format!("{} = {v}", bare_or_quoted(k))
+            })
+            .collect::<Vec<_>>()
+            .join(" AND "),
+        other => other.to_string(),
+    }
+}
+
+/// `id`, or `"Id"` when the name needs quotes to be read back.
+fn bare_or_quoted(name: &str) -> String {
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        crate::ident::quote_ident(name)
+    }
+}
+
 impl TriggerFailure {
-    /// `public.leads {"id": 41}: division by zero (SQLSTATE 22012), 3 writes`.
+    /// `public.leads where id = 41: division by zero (SQLSTATE 22012), 3 writes`.
     pub fn describe(&self) -> String {
         let key = match &self.key {
-            Some(k) => k.to_string(),
+            Some(k) => format!("where {}", key_text(k)),
             None => "(a row of a table without a key)".to_string(),
         };
         let hits = if self.hits > 1 {

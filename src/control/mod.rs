@@ -14,7 +14,7 @@ use tokio_postgres::{Client, GenericClient, Row};
 
 use crate::db::Error;
 use crate::ident::quote_ident;
-pub use failures::TriggerFailure;
+pub use failures::{TriggerFailure, key_text};
 pub use types::{Checkpoint, Event, Overrides, Status};
 
 /// The version of the control schema this pgshift writes: `schema.sql` creates

@@ -54,7 +54,7 @@ pub enum Error {
     },
     /// A backfill batch failed on a row: the batch was narrowed down to its first failing row.
     #[error(
-        "step `{step}` failed on the row of {table} with key {key}: {source}. The rows before it are done and checkpointed. Fix that row (or the step's `set`), then `pgshift resume {plan}`: the backfill continues from its checkpoint, right before that row"
+        "step `{step}` failed on the row of {table} where {key}: {source}. The rows before it are done and checkpointed. Fix that row (or the step's `set`), then `pgshift resume {plan}`: the backfill continues from its checkpoint, right before that row"
     )]
     RowFailed {
         plan: String,

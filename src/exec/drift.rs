@@ -44,11 +44,17 @@ pub async fn check_created(
         .collect();
     let c = db::get(&cx.pool, &cx.target).await?;
     for (i, s) in done.iter().enumerate() {
-        // A later finished step that names the object may have dropped or renamed it.
+        // A later finished `sql` step that drops or renames something by that name
+        // (an operation's contract step, say) changed it on purpose.
         let later: Vec<String> = done[i + 1..]
             .iter()
-            .flat_map(|l| l.kind.statements(&plan.id, &l.name))
+            .filter_map(|l| match &l.kind {
+                StepKind::Sql(b) => Some(b.texts()),
+                _ => None,
+            })
+            .flatten()
             .map(|t| t.to_lowercase())
+            .filter(|t| t.contains("drop") || t.contains("rename"))
             .collect();
         let mentioned = |name: &str| {
             let n = name.to_lowercase();
@@ -154,6 +160,17 @@ async fn missing_trigger(
     table: &QualifiedName,
     name: &Ident,
 ) -> Result<Option<Found>, Error> {
+    if !table_exists(c, table).await? {
+        return Ok(Some(Found {
+            object: format!("table {table}"),
+            found: "does not exist",
+            expected: format!(
+                "step `{}` put its dual-write trigger on it, and the plan's later steps work on it",
+                step.name
+            ),
+            fix: fix_missing(plan, "it"),
+        }));
+    }
     let row = c
         .query_opt(
             "SELECT t.tgenabled::text FROM pg_catalog.pg_trigger t WHERE t.tgrelid = to_regclass($1) AND t.tgname = $2",

@@ -94,12 +94,18 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
         losses = if step == lost_in { losses + 1 } else { 1 };
         lost_in = step;
         if losses > MAX_RECONNECTS {
-            kept = Some(held);
-            break Err(Error::Reconnects {
+            let e = Error::Reconnects {
                 plan: plan.id.clone(),
                 step: lost_in.unwrap_or_else(|| "(between steps)".into()),
                 losses,
-            });
+            };
+            // The step was recorded as interrupted each time; now it has failed.
+            if let Some(step) = plan.step(e.step().unwrap_or_default()) {
+                let sx = step_cx(cx, plan, step, Status::Interrupted);
+                failed(&sx, &held.conn, &e).await;
+            }
+            kept = Some(held);
+            break Err(e);
         }
         // The server went away (restart, failover, network cut). Reconnect and take the
         // plan's lock again within --reconnect-timeout, then continue from the control
@@ -133,13 +139,20 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
 
 /// Records why the run stopped on the plan, and tells the `on_failure` hooks of a failure.
 async fn stopped(cx: &Context, plan: &Plan, held: &Held, e: &Error) {
-    let at_gate = e
-        .step()
-        .and_then(|s| plan.step(s))
-        .is_some_and(|s| matches!(s.kind, crate::kind::StepKind::Gate(_)));
+    // A gate that what was found before passing keeps closed still waits.
+    let at_gate = match (e, e.step()) {
+        (Error::TriggerFailures { .. } | Error::Drift { .. }, Some(step)) => cx
+            .control
+            .steps(&held.conn, &plan.id)
+            .await
+            .ok()
+            .and_then(|rows| rows.into_iter().find(|r| r.name == step))
+            .is_some_and(|r| r.kind == "gate" && r.status == Status::Waiting),
+        _ => false,
+    };
     let status = match e {
         Error::Gate { .. } => Some(Status::Waiting),
-        Error::TriggerFailures { .. } if at_gate => Some(Status::Waiting),
+        _ if at_gate => Some(Status::Waiting),
         Error::Cancelled { .. } | Error::ConnectionLost { .. } => Some(Status::Interrupted),
         e if e.is_step_failure() => Some(Status::Failed),
         _ => None,

@@ -19,6 +19,7 @@ mod proof;
 mod regressions;
 mod replica;
 mod runtime;
+mod runtime_cases;
 mod status;
 mod tls;
 mod trigger;

@@ -173,7 +173,7 @@ async fn found(
         plan: sh.sx.plan.clone(),
         step: sh.sx.step.clone(),
         table: sh.spec.table.to_string(),
-        key: key.to_string(),
+        key: crate::control::key_text(&key),
         source: Box::new(e),
     }))
 }
