@@ -178,6 +178,24 @@ impl Control {
         Ok(())
     }
 
+    /// Marks every open failure of a plan resolved (the plan was rolled back).
+    pub async fn resolve_trigger_failures(
+        &self,
+        c: &impl GenericClient,
+        plan: &str,
+        resolution: &str,
+    ) -> Result<(), Error> {
+        if !self.records_trigger_failures(c).await? {
+            return Ok(());
+        }
+        c.execute(
+            &self.sql("UPDATE __SCHEMA__.trigger_failures SET resolved_at = now(), resolution = $2 WHERE plan_id = $1 AND resolved_at IS NULL"),
+            &[&plan, &resolution],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Records what a failure's expression raises now (when checked again and still failing).
     pub async fn refresh_trigger_failure(
         &self,

@@ -333,3 +333,159 @@ fn every_case_has_a_test() {
     }
     assert!(names.len() >= 25, "the corpus has {} cases", names.len());
 }
+
+/// Takes a version-2 control schema back to version 1 (schema.sql has not changed since).
+const DOWNGRADE: &str = "DROP FUNCTION pgshift.pgshift_trigger_failed(text, text, oid, text, jsonb, text, text, boolean);
+     DROP TABLE pgshift.trigger_failures, pgshift.dual_writes;
+     REVOKE USAGE ON SCHEMA pgshift FROM PUBLIC;
+     UPDATE pgshift.meta SET value = '1' WHERE key = 'schema_version';";
+
+async fn control_version(db: &TestDb) -> String {
+    db.scalar_string("SELECT value FROM pgshift.meta WHERE key = 'schema_version'")
+        .await
+        .unwrap_or_default()
+}
+
+// A database where an earlier pgshift left a version-1 control schema, with a
+// plan waiting at its gate: read-only commands read it as it is, the next run
+// upgrades it in place and continues the plan; two runners racing to upgrade
+// apply the upgrade once.
+#[tokio::test]
+async fn a_version_1_control_schema_is_upgraded_in_place() {
+    let db = TestDb::create("rt_upgrade").await;
+    db.exec("CREATE TABLE runs (step text NOT NULL)").await;
+    db.exec(crate::runtime_cases::LEADS).await;
+    let dir = work_dir("rt_upgrade");
+    let file = write_plan(
+        &dir,
+        "rt_upgrade",
+        &crate::runtime_cases::usual_plan("rt_upgrade"),
+    );
+    let f = file.to_str().unwrap();
+    let o = run(&db, &["--progress", "never", "plan", "apply", f]);
+    expect_code(&o, 3, "the plan waits at its gate");
+    db.exec(DOWNGRADE).await;
+    let events_before = db.scalar_i64("SELECT count(*) FROM pgshift.events").await;
+
+    // Version 1 has nowhere to report a failed dual write: the write still goes through.
+    db.exec("INSERT INTO leads (id, email, a, b) VALUES (5001, 'x@example.com', 5001, 0)")
+        .await;
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM leads WHERE id = 5001")
+            .await,
+        1
+    );
+
+    // Read-only: status reads version 1 and leaves it so.
+    let o = run(&db, &["status", "rt_upgrade"]);
+    expect_code(&o, 0, "status on a version-1 control schema");
+    assert_eq!(control_version(&db).await, "1");
+
+    // The next run upgrades it, keeps what was recorded, and goes on.
+    let o = run(
+        &db,
+        &["--progress", "never", "--yes", "resume", "rt_upgrade"],
+    );
+    expect_code(&o, 0, "resume on a version-1 control schema");
+    assert_eq!(control_version(&db).await, "2");
+    assert!(
+        db.scalar_i64("SELECT count(*) FROM pgshift.events").await > events_before,
+        "the events of before are kept and the run added its own"
+    );
+    assert_eq!(
+        step_status(&status_json(&db, "rt_upgrade"), "fill_q"),
+        "succeeded"
+    );
+    // A trigger installed before the upgrade reports to the upgraded schema.
+    db.exec("UPDATE leads SET b = 0 WHERE id = 9").await;
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM pgshift.trigger_failures WHERE key = '{\"id\": 9}'")
+            .await,
+        1
+    );
+
+    // Two runners meet a version-1 schema at once: each plan runs, the upgrade happens once.
+    db.exec("DELETE FROM pgshift.trigger_failures").await;
+    db.exec(DOWNGRADE).await;
+    let plans: Vec<_> = (1..=2)
+        .map(|n| {
+            write_plan(
+                &dir,
+                &format!("rt_upgrade_{n}"),
+                &format!("id: rt_upgrade_{n}\nphases:\n  contract:\n    - name: ok\n      check: SELECT true\n"),
+            )
+        })
+        .collect();
+    let children: Vec<_> = plans
+        .iter()
+        .map(|p| {
+            crate::executor::spawn(
+                &db,
+                &["--progress", "never", "plan", "apply", p.to_str().unwrap()],
+            )
+        })
+        .collect();
+    for (n, child) in children.into_iter().enumerate() {
+        let o = crate::executor::wait_output(child, Duration::from_secs(30), "racing runner");
+        expect_code(&o, 0, &format!("racing runner {}", n + 1));
+    }
+    assert_eq!(control_version(&db).await, "2");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM pg_proc WHERE proname = 'pgshift_trigger_failed'")
+            .await,
+        1
+    );
+}
+
+// After a rollback the plan's dual writes are gone: the rows they failed on hold
+// nothing up any more (they are marked resolved, and why), and applying the
+// plan again starts clean.
+#[tokio::test]
+async fn rollback_resolves_the_failures_of_its_dual_writes() {
+    let db = TestDb::create("rt_rollback_failures").await;
+    db.exec("CREATE TABLE runs (step text NOT NULL)").await;
+    db.exec(crate::runtime_cases::LEADS).await;
+    let dir = work_dir("rt_rollback_failures");
+    let file = write_plan(
+        &dir,
+        "rt_rollback_failures",
+        &crate::runtime_cases::usual_plan("rt_rollback_failures"),
+    );
+    let f = file.to_str().unwrap();
+    expect_code(
+        &run(&db, &["--progress", "never", "plan", "apply", f]),
+        3,
+        "to the gate",
+    );
+    db.exec("UPDATE leads SET b = 0 WHERE id = 3").await;
+    let o = run(
+        &db,
+        &[
+            "--progress",
+            "never",
+            "--yes",
+            "rollback",
+            "rt_rollback_failures",
+        ],
+    );
+    expect_code(&o, 0, "rollback");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM pgshift.trigger_failures WHERE resolved_at IS NOT NULL AND resolution = 'the plan was rolled back'")
+            .await,
+        1
+    );
+    db.exec("UPDATE leads SET b = 1 WHERE id = 3").await;
+    let o = run(&db, &["--progress", "never", "--yes", "plan", "apply", f]);
+    expect_code(&o, 3, "applied again, to the gate");
+    let o = run(
+        &db,
+        &[
+            "--progress",
+            "never",
+            "--yes",
+            "resume",
+            "rt_rollback_failures",
+        ],
+    );
+    expect_code(&o, 0, "and past it: no failure left open");
+}

@@ -70,6 +70,14 @@ phases:
     };
 }
 
+/// The `leads` table of most cases (for tests outside the table).
+pub const LEADS: &str = leads!();
+
+/// The usual plan with id `id` (for tests outside the table).
+pub fn usual_plan(id: &str) -> String {
+    usual!("a / b", "NEW.a / NEW.b").replace("{id}", id)
+}
+
 const ALL_Q: &str = "SELECT count(*) = 2000 FROM leads WHERE q = a / b";
 
 const fn case(name: &'static str, setup: &'static str, plan: &'static str) -> Case {

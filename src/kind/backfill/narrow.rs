@@ -12,7 +12,7 @@
 //! continues from there. Finding it costs about 2·log2(batch size) statements.
 //!
 //! Only errors that a row's data can cause are narrowed (SQLSTATE classes 21,
-//! 22, 23, 27, 2F, 38, 39, 44 and P0): a missing column or a permission error
+//! 22, 23, 27, 2F, 38, 39, 44 and P0, and 54000): a missing column or a permission error
 //! fails every batch alike. When the error does not come back in smaller
 //! batches (it needed rows of two halves together), the worker goes on.
 
@@ -39,10 +39,12 @@ pub enum Narrowed {
 
 /// True for errors a row's data can cause, which narrowing can pin on a row.
 pub fn is_row_error(e: &db::Error) -> bool {
-    matches!(
-        e.sqlstate().map(|s| &s[..2]),
-        Some("21" | "22" | "23" | "27" | "2F" | "38" | "39" | "44" | "P0")
-    )
+    // 54000: a row too big for an index entry, say.
+    e.sqlstate() == Some("54000")
+        || matches!(
+            e.sqlstate().map(|s| &s[..2]),
+            Some("21" | "22" | "23" | "27" | "2F" | "38" | "39" | "44" | "P0")
+        )
 }
 
 /// The error of a batch that timed out or waited for locks `attempts` times in

@@ -494,8 +494,8 @@ fn body(plan_id: &str, step: &str, spec: &TriggerSpec) -> String {
     b
 }
 
-/// The variables of the failure path (declared once, NULL until it runs).
-const DECLARE: &str = "DECLARE\n  pgshift_sqlstate text;\n  pgshift_error text;\n  pgshift_schema regnamespace;\n  pgshift_strict boolean;\n  pgshift_kept boolean := false;\n";
+/// The variables of the failure path (no initial values: nothing to evaluate on a write that succeeds).
+const DECLARE: &str = "DECLARE\n  pgshift_sqlstate text;\n  pgshift_error text;\n  pgshift_schema regnamespace;\n  pgshift_strict boolean;\n  pgshift_kept boolean;\n";
 
 /// The trigger's EXCEPTION clause: the application's write goes through as it
 /// was written, and the row is reported to the control schema (see the module
@@ -506,6 +506,7 @@ fn on_failure(plan_id: &str, step: &str) -> String {
         "EXCEPTION WHEN OTHERS THEN
   -- never fail the application's write: keep the row as written, report it
   GET STACKED DIAGNOSTICS pgshift_sqlstate = RETURNED_SQLSTATE, pgshift_error = MESSAGE_TEXT;
+  pgshift_kept := false;
   BEGIN
     <<report>>
     FOREACH pgshift_strict IN ARRAY ARRAY[true, false] LOOP
