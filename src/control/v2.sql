@@ -6,7 +6,7 @@
 -- A dual-write trigger must never fail an application's write. When its
 -- expression raises for a row, the trigger catches it (an EXCEPTION block),
 -- lets the write through as the application wrote it, and reports the row
--- here through `pgshift_trigger_failed`. The application's role (Supabase's
+-- here through `record_dual_write_failure`. The application's role (Supabase's
 -- `authenticated`, say) has no privilege on these tables: the function runs as
 -- its owner, the role that migrates (SECURITY DEFINER), with a pinned
 -- search_path, and it records only what a pgshift trigger firing on its own
@@ -49,7 +49,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS trigger_failures_row
 -- `strict`: only a trigger registered in `dual_writes` here; the second pass
 -- (false) takes any trigger of a plan recorded here (the triggers an
 -- operation installs inside an `sql` step are not registered).
-CREATE OR REPLACE FUNCTION __SCHEMA__.pgshift_trigger_failed(
+CREATE OR REPLACE FUNCTION __SCHEMA__.record_dual_write_failure(
     p_plan text, p_step text, p_table oid, p_trigger text, p_row jsonb,
     p_sqlstate text, p_error text, p_strict boolean)
 RETURNS boolean
@@ -100,4 +100,4 @@ $pgshift_v2$;
 -- for another role's schema this grants nothing, with a warning, and a failing
 -- trigger then reports through the server log only.)
 GRANT USAGE ON SCHEMA __SCHEMA__ TO PUBLIC;
-GRANT EXECUTE ON FUNCTION __SCHEMA__.pgshift_trigger_failed(text, text, oid, text, jsonb, text, text, boolean) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION __SCHEMA__.record_dual_write_failure(text, text, oid, text, jsonb, text, text, boolean) TO PUBLIC;

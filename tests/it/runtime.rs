@@ -335,7 +335,7 @@ fn every_case_has_a_test() {
 }
 
 /// Takes a version-2 control schema back to version 1 (schema.sql has not changed since).
-const DOWNGRADE: &str = "DROP FUNCTION pgshift.pgshift_trigger_failed(text, text, oid, text, jsonb, text, text, boolean);
+const DOWNGRADE: &str = "DROP FUNCTION pgshift.record_dual_write_failure(text, text, oid, text, jsonb, text, text, boolean);
      DROP TABLE pgshift.trigger_failures, pgshift.dual_writes;
      REVOKE USAGE ON SCHEMA pgshift FROM PUBLIC;
      UPDATE pgshift.meta SET value = '1' WHERE key = 'schema_version';";
@@ -431,7 +431,7 @@ async fn a_version_1_control_schema_is_upgraded_in_place() {
     }
     assert_eq!(control_version(&db).await, "2");
     assert_eq!(
-        db.scalar_i64("SELECT count(*) FROM pg_proc WHERE proname = 'pgshift_trigger_failed'")
+        db.scalar_i64("SELECT count(*) FROM pg_proc WHERE proname = 'record_dual_write_failure'")
             .await,
         1
     );
@@ -488,4 +488,58 @@ async fn rollback_resolves_the_failures_of_its_dual_writes() {
         ],
     );
     expect_code(&o, 0, "and past it: no failure left open");
+}
+
+// The failing trigger looks its recording function up by name; one planted under
+// that name by another role must never receive the application's row (nor run
+// with the writer's privileges): only the migrating role's SECURITY DEFINER one does.
+#[tokio::test]
+async fn a_function_planted_under_the_recorders_name_is_never_called() {
+    let db = TestDb::create("rt_planted").await;
+    let intruder = format!("{}intruder", prefix());
+    db.exec("CREATE TABLE runs (step text NOT NULL)").await;
+    db.exec(crate::runtime_cases::LEADS).await;
+    db.exec(&format!(
+        "DROP ROLE IF EXISTS {intruder}; CREATE ROLE {intruder} NOLOGIN;
+         CREATE SCHEMA planted; CREATE TABLE planted.trigger_failures (row jsonb);
+         GRANT USAGE ON SCHEMA planted TO PUBLIC; GRANT INSERT ON planted.trigger_failures TO PUBLIC;
+         CREATE FUNCTION planted.record_dual_write_failure(text, text, oid, text, jsonb, text, text, boolean)
+           RETURNS boolean LANGUAGE sql SECURITY DEFINER AS 'INSERT INTO planted.trigger_failures VALUES ($5) RETURNING true';
+         ALTER FUNCTION planted.record_dual_write_failure(text, text, oid, text, jsonb, text, text, boolean) OWNER TO {intruder};
+         GRANT EXECUTE ON FUNCTION planted.record_dual_write_failure(text, text, oid, text, jsonb, text, text, boolean) TO PUBLIC;"
+    ))
+    .await;
+    let dir = work_dir("rt_planted");
+    let file = write_plan(
+        &dir,
+        "rt_planted",
+        &crate::runtime_cases::usual_plan("rt_planted"),
+    );
+    let o = run(
+        &db,
+        &[
+            "--progress",
+            "never",
+            "plan",
+            "apply",
+            file.to_str().unwrap(),
+        ],
+    );
+    expect_code(&o, 3, "to the gate");
+    db.exec("INSERT INTO leads (id, email, a, b) VALUES (5001, 'x@example.com', 5001, 0)")
+        .await;
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM planted.trigger_failures")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM pgshift.trigger_failures")
+            .await,
+        1
+    );
+    db.exec(&format!(
+        "DROP SCHEMA planted CASCADE; DROP ROLE {intruder}"
+    ))
+    .await;
 }

@@ -59,7 +59,7 @@
 //! application wrote it (the columns already computed keep their values; the
 //! one that failed keeps what the writer gave it, NULL on INSERT and its old
 //! value on UPDATE), and the failure (table, key, error) is reported to the
-//! control schema through its `pgshift_trigger_failed` function, a SECURITY
+//! control schema through its `record_dual_write_failure` function, a SECURITY
 //! DEFINER function that any role may call (see `control/v2.sql`). The plan
 //! cannot pass a gate or enter its contract phase while such a row is left
 //! unfixed (`exec::failures`).
@@ -68,9 +68,12 @@
 //! may run against several, one per tenant schema, in one database), so on
 //! that rare path the trigger asks each control schema's function in turn:
 //! first only the schema where the trigger step registered this trigger, then
-//! any schema that records the plan. If none takes it, or reporting fails
-//! (no privilege, say), the trigger raises a WARNING and still lets the write
-//! through.
+//! any schema that records the plan. It calls only a SECURITY DEFINER function
+//! of that name owned by the role that owns the trigger function (the role
+//! that migrates): a function someone else planted under that name is never
+//! called with the application's row and privileges. If none takes the report,
+//! or reporting fails (no privilege, say), the trigger raises a WARNING and
+//! still lets the write through.
 //!
 //! Cost: entering a block with an `EXCEPTION` clause starts a subtransaction
 //! for every row. Since the block only assigns to `NEW`, the subtransaction
@@ -510,11 +513,16 @@ fn on_failure(plan_id: &str, step: &str) -> String {
   BEGIN
     <<report>>
     FOREACH pgshift_strict IN ARRAY ARRAY[true, false] LOOP
+      -- only a SECURITY DEFINER function of this trigger function's owner (a control schema's)
       FOR pgshift_schema IN
         SELECT p.pronamespace FROM pg_catalog.pg_proc AS p
-        WHERE p.proname = 'pgshift_trigger_failed' ORDER BY p.pronamespace
+        WHERE p.proname = 'record_dual_write_failure' AND p.prosecdef
+          AND p.proowner = (SELECT f.proowner FROM pg_catalog.pg_trigger AS t
+                            JOIN pg_catalog.pg_proc AS f ON f.oid = t.tgfoid
+                            WHERE t.tgrelid = TG_RELID AND t.tgname = TG_NAME)
+        ORDER BY p.pronamespace
       LOOP
-        EXECUTE pg_catalog.format('SELECT %s.pgshift_trigger_failed($1, $2, $3, $4, $5, $6, $7, $8)', pgshift_schema)
+        EXECUTE pg_catalog.format('SELECT %s.record_dual_write_failure($1, $2, $3, $4, $5, $6, $7, $8)', pgshift_schema)
           INTO pgshift_kept
           USING {plan}::text, {step}::text, TG_RELID, TG_NAME::text, pg_catalog.to_jsonb(NEW), pgshift_sqlstate, pgshift_error, pgshift_strict;
         EXIT report WHEN pgshift_kept;
