@@ -5,7 +5,7 @@
 //! trigger counts each update of a row in `n`, and a `side_effects` table that
 //! the plan's transactional steps write to in their own transaction: a batch
 //! or a step committed twice on any target shows as `n = 2`, `bf_hits = 2` or
-//! two `side_effects` rows. Databases are named `pgshift_t_fleet_*`.
+//! two `side_effects` rows. Databases are named `<PGSHIFT_TEST_PREFIX>fleet_*` (`pgshift_t_fleet_*` by default).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -71,7 +71,7 @@ phases:
     )
 }
 
-/// `n` test databases `pgshift_t_fleet_<prefix>_NN`, each with `items` of
+/// `n` test databases `<PGSHIFT_TEST_PREFIX>fleet_<prefix>_NN`, each with `items` of
 /// `rows(i)` rows (or none where `rows(i)` is 0: a target whose table is missing).
 async fn databases(prefix: &str, n: usize, rows: impl Fn(usize) -> i64) -> Vec<TestDb> {
     let mut out = Vec::new();
@@ -92,8 +92,19 @@ async fn databases(prefix: &str, n: usize, rows: impl Fn(usize) -> i64) -> Vec<T
 /// The discover query that finds the databases of `prefix`.
 fn discover_query(prefix: &str) -> String {
     format!(
-        "SELECT datname FROM pg_database WHERE datname LIKE 'pgshift\\_t\\_fleet\\_{prefix}\\_%' ORDER BY datname"
+        "SELECT datname FROM pg_database WHERE datname LIKE '{}\\_%' ORDER BY datname",
+        like(&format!("fleet_{prefix}"))
     )
+}
+
+/// The name of test database `name` (after `PGSHIFT_TEST_PREFIX`, as `TestDb` names it).
+fn dbname(name: &str) -> String {
+    format!("{}{name}", crate::harness::prefix())
+}
+
+/// [`dbname`] as a LIKE pattern: its underscores stand for themselves.
+fn like(name: &str) -> String {
+    dbname(name).replace('_', "\\_")
 }
 
 /// Runs `pgshift` with `FLEET_ADMIN_URL` naming the local server, plus `env`.
@@ -289,7 +300,10 @@ async fn thirty_databases_and_two_clusters_reach_the_gate_then_resume_yes_finish
     assert!(!err.contains("s3cret-pw"), "a password was printed:\n{err}");
     assert!(err.contains("32 at gate"), "{err}");
     assert!(err.contains("[cluster_a] "), "{err}");
-    assert!(err.contains("[pgshift_t_fleet_apply_29] "), "{err}");
+    assert!(
+        err.contains(&format!("[{}] ", dbname("fleet_apply_29"))),
+        "{err}"
+    );
     // The canary ran alone: it reached the gate before any other target started.
     let canary_gate = err.find("[cluster_a] waits at gate").expect(&err);
     for line in err.lines().filter(|l| l.starts_with('[')) {
@@ -411,7 +425,10 @@ async fn an_unreachable_target_and_a_missing_table_are_named_the_others_finish_a
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("[down] unreachable: cannot connect"), "{err}");
     assert!(
-        err.contains("[pgshift_t_fleet_fail_03] failed: step `add_v` failed"),
+        err.contains(&format!(
+            "[{}] failed: step `add_v` failed",
+            dbname("fleet_fail_03")
+        )),
         "{err}"
     );
     assert!(err.contains("relation \"items\" does not exist"), "{err}");
@@ -440,15 +457,10 @@ async fn an_unreachable_target_and_a_missing_table_are_named_the_others_finish_a
         .collect();
     assert_eq!(
         order,
-        [
-            "down",
-            "pgshift_t_fleet_fail_00",
-            "pgshift_t_fleet_fail_03",
-            "pgshift_t_fleet_fail_01",
-            "pgshift_t_fleet_fail_04",
-            "pgshift_t_fleet_fail_02",
-            "pgshift_t_fleet_fail_05"
-        ]
+        ["down".to_string()]
+            .into_iter()
+            .chain([0, 3, 1, 4, 2, 5].map(|i| dbname(&format!("fleet_fail_{i:02}"))))
+            .collect::<Vec<_>>()
     );
     let by_name = |n: &str| {
         st["targets"]
@@ -460,7 +472,7 @@ async fn an_unreachable_target_and_a_missing_table_are_named_the_others_finish_a
             .clone()
     };
     assert_eq!(by_name("down")["status"], "unreachable");
-    let failed = by_name("pgshift_t_fleet_fail_03");
+    let failed = by_name(&dbname("fleet_fail_03"));
     assert_eq!(failed["status"], "failed", "{failed}");
     assert_eq!(failed["step"], "add_v", "{failed}");
     assert!(
@@ -480,7 +492,10 @@ async fn an_unreachable_target_and_a_missing_table_are_named_the_others_finish_a
     let err = stderr(&o);
     // `down` is still down: the worst left is 3.
     assert_eq!(o.status.code(), Some(3), "{err}");
-    assert!(err.contains("[pgshift_t_fleet_fail_03] done"), "{err}");
+    assert!(
+        err.contains(&format!("[{}] done", dbname("fleet_fail_03"))),
+        "{err}"
+    );
     assert!(err.contains("[down] unreachable"), "{err}");
     assert!(err.contains("5 already done"), "{err}");
     assert_right(&dbs[3].client, &dbs[3].name, 120, true).await;
@@ -567,7 +582,7 @@ async fn kill_9_of_the_fleet_runner_then_resume_ends_every_target_right_with_no_
     let deadline = Instant::now() + Duration::from_secs(20);
     while admin
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgshift' AND datname LIKE 'pgshift\\_t\\_fleet\\_kill\\_%'",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgshift' AND datname LIKE '{}\\_%'", like("fleet_kill")),
             &[],
         )
         .await
@@ -879,7 +894,10 @@ async fn a_held_target_exits_4_and_a_changed_plan_exits_5_until_accepted() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(4), "{err}");
     assert!(
-        err.contains("[pgshift_t_fleet_held_01] held: another runner holds plan `fleet_held`"),
+        err.contains(&format!(
+            "[{}] held: another runner holds plan `fleet_held`",
+            dbname("fleet_held_01")
+        )),
         "{err}"
     );
     assert!(err.contains("2 done"), "{err}");
@@ -895,11 +913,17 @@ async fn a_held_target_exits_4_and_a_changed_plan_exits_5_until_accepted() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(5), "{err}");
     assert!(
-        err.contains("[pgshift_t_fleet_held_00] plan `fleet_held` changed since it started"),
+        err.contains(&format!(
+            "[{}] plan `fleet_held` changed since it started",
+            dbname("fleet_held_00")
+        )),
         "{err}"
     );
     assert!(err.contains("--accept-changed"), "{err}");
-    assert!(err.contains("[pgshift_t_fleet_held_01] done"), "{err}");
+    assert!(
+        err.contains(&format!("[{}] done", dbname("fleet_held_01"))),
+        "{err}"
+    );
     assert!(!err.contains("already done"), "{err}");
     let o = fleet(
         &[
@@ -947,11 +971,15 @@ async fn a_failing_canary_stops_the_fleet_before_any_other_target_starts() {
     let o = fleet(&["fleet", "apply", s(&plan), "--targets", s(&targets)], &[]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("[pgshift_t_fleet_canary_00] failed"), "{err}");
     assert!(
-        err.contains(
-            "not started (the canary `pgshift_t_fleet_canary_00` did not reach done or its gate"
-        ),
+        err.contains(&format!("[{}] failed", dbname("fleet_canary_00"))),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "not started (the canary `{}` did not reach done or its gate",
+            dbname("fleet_canary_00")
+        )),
         "{err}"
     );
     assert!(err.contains("4 not started"), "{err}");
