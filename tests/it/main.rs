@@ -19,7 +19,9 @@ mod proof;
 mod regressions;
 mod replica;
 mod runtime;
+#[macro_use]
 mod runtime_cases;
+mod runtime_data;
 mod status;
 mod tls;
 mod trigger;

@@ -1,5 +1,5 @@
 //! The runtime corpus: plans that pass `plan validate` but fail against the
-//! database they meet. Each case (in `runtime_cases.rs`) prepares a database,
+//! database they meet. Each case (in `runtime_cases.rs` and `runtime_data.rs`) prepares a database,
 //! applies its plan (stopping at a gate first when someone must change the
 //! database meanwhile), and asserts how the run ends: the exit code, a time
 //! bound, the message (the step, the object, the next command), the control
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::executor::{expect_code, run, status_json, step_status, work_dir, write_plan};
 use crate::harness::*;
-use crate::runtime_cases::CASES;
+use crate::runtime_cases::all;
 
 /// What a case does after the failure, to make it pass.
 pub enum Fix {
@@ -93,8 +93,7 @@ fn pgshift_as(case: &Case, db: &TestDb, args: &[&str]) -> std::process::Output {
 
 /// Runs one case of the corpus from a fresh database.
 pub async fn run_case(name: &str) {
-    let case = CASES
-        .iter()
+    let case = all()
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("no case `{name}` in runtime_cases.rs"));
     let id = format!("rt_{}", case.name);
@@ -321,7 +320,7 @@ corpus!(
 
 #[test]
 fn every_case_has_a_test() {
-    let names: Vec<&str> = CASES.iter().map(|c| c.name).collect();
+    let names: Vec<&str> = all().map(|c| c.name).collect();
     for n in &names {
         assert!(TESTED.contains(n), "case `{n}` has no test in runtime.rs");
     }
