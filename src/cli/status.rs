@@ -229,8 +229,7 @@ fn print_trigger_failures(all: &[TriggerFailure]) {
         return;
     }
     println!(
-        "
-{} row(s) failed the dual-write trigger ({} fixed since); the application's writes went through, but these rows lack their new value, and the plan cannot pass a gate or enter its contract phase until they are fixed:",
+        "\n{} row(s) failed the dual-write trigger ({} fixed since); the application's writes went through, but these rows lack their new value, and the plan cannot pass a gate or enter its contract phase until they are fixed:",
         open.len(),
         all.len() - open.len()
     );
