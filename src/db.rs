@@ -52,6 +52,17 @@ impl Error {
         self.sqlstate() == Some("57014")
     }
 
+    /// The server cancelled the statement because it ran past `statement_timeout`
+    /// (57014 is also a cancel request: the server's message tells them apart).
+    pub fn is_statement_timeout(&self) -> bool {
+        match self {
+            Error::Postgres(e) => e.as_db_error().is_some_and(|d| {
+                d.code() == &SqlState::QUERY_CANCELED && d.message().contains("statement timeout")
+            }),
+            _ => false,
+        }
+    }
+
     /// The connection is gone (server restart, network cut, backend terminated).
     ///
     /// Only what a reconnect can cure counts: a closed socket, an I/O error or a

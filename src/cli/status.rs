@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use super::StatusFormat;
 use super::hint;
-use crate::control::{PlanRow, Status, StepRow};
+use crate::control::{PlanRow, Status, StepRow, TriggerFailure};
 use crate::db;
 use crate::exec::{self, Context};
 use crate::exit::Exit;
@@ -249,10 +249,19 @@ struct Extra {
     retained: Vec<(String, String, bool)>,
     finalized_at: Option<String>,
     preflight: Vec<String>,
+    /// Rows whose dual write failed, fixed ones included.
+    trigger_failures: Vec<TriggerFailure>,
 }
 
 async fn extra(cx: &Context, c: &Client, p: &PlanRow, steps: &[StepRow]) -> Extra {
-    let mut out = Extra::default();
+    let mut out = Extra {
+        trigger_failures: cx
+            .control
+            .trigger_failures(c, &p.id, false)
+            .await
+            .unwrap_or_default(),
+        ..Extra::default()
+    };
     if p.status == Status::Failed
         && !steps.iter().any(|s| s.status == Status::Failed)
         && let Ok(Some((_, d))) = cx.control.last_event(c, &p.id, "preflight_failed").await
@@ -306,6 +315,7 @@ async fn extra(cx: &Context, c: &Client, p: &PlanRow, steps: &[StepRow]) -> Extr
 
 impl Extra {
     fn print(&self, id: &str) {
+        print_trigger_failures(&self.trigger_failures);
         if !self.preflight.is_empty() {
             println!("\npre-flight found (nothing was changed):");
             for f in &self.preflight {
@@ -342,6 +352,27 @@ impl Extra {
             .collect();
         v["finalized_at"] = json!(self.finalized_at.as_deref().map(rfc3339));
         v["preflight_findings"] = json!(self.preflight);
+        v["trigger_failures"] = json!(self.trigger_failures);
+    }
+}
+
+/// The rows whose dual write failed and are not fixed yet (and how many were).
+fn print_trigger_failures(all: &[TriggerFailure]) {
+    const SHOWN: usize = 20;
+    let open: Vec<&TriggerFailure> = all.iter().filter(|f| f.resolved_at.is_none()).collect();
+    if open.is_empty() {
+        return;
+    }
+    println!(
+        "\n{} row(s) failed the dual-write trigger ({} fixed since); the application's writes went through, but these rows lack their new value, and the plan cannot pass a gate or enter its contract phase until they are fixed:",
+        open.len(),
+        all.len() - open.len()
+    );
+    for f in open.iter().take(SHOWN) {
+        println!("  {}, last at {}", f.describe(), f.last_at);
+    }
+    if open.len() > SHOWN {
+        println!("  … and {} more", open.len() - SHOWN);
     }
 }
 

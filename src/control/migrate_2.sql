@@ -1,7 +1,7 @@
 -- Control schema version 1 → 2: backfills at the physical limit (issue 12),
--- replication-aware throttles (issue 15). Run by `Control::ensure` (and by the
--- read-only commands) inside one transaction, under the creation lock, only when
--- `meta.schema_version` is 1; every statement is also safe to run twice. Adding
+-- replication-aware throttles (issue 15). Run by `migrations.rs` inside one
+-- transaction, under the creation lock, only when `meta.schema_version` is 1;
+-- every statement is also safe to run twice. Adding
 -- a column with a constant default rewrites nothing (PostgreSQL 11+): each ALTER
 -- holds its table's lock only for a catalog update.
 
@@ -27,5 +27,3 @@ SET rows_updated = (s.checkpoint->>'rows_updated')::bigint
 FROM __SCHEMA__.steps AS s
 WHERE s.plan_id = r.plan_id AND s.name = r.step AND r.worker = 0 AND r.rows_updated = 0
   AND jsonb_typeof(s.checkpoint->'rows_updated') = 'number';
-
-UPDATE __SCHEMA__.meta SET value = '2' WHERE key = 'schema_version' AND value = '1';

@@ -5,7 +5,8 @@
 //! `succeeded` mark is written inside the step's own transaction, so the record
 //! and the change commit together or not at all.
 
-mod migrate;
+mod failures;
+pub mod migrations;
 pub mod types;
 
 use serde_json::Value as Json;
@@ -13,11 +14,12 @@ use tokio_postgres::{Client, GenericClient, Row};
 
 use crate::db::Error;
 use crate::ident::quote_ident;
+pub use failures::{TriggerFailure, key_text};
 pub use types::{Checkpoint, Event, LiveProgress, Overrides, Status, StepSnapshot};
 
-/// The version of the control schema this pgshift writes: `schema.sql` (version 1)
-/// and then every migration of `migrate.rs`; bump it with a migration when the tables change.
-pub const SCHEMA_VERSION: i32 = migrate::CURRENT;
+/// The version of the control schema this pgshift writes: `schema.sql` creates
+/// version 1, and each script of `migrations` brings it one version further.
+pub const SCHEMA_VERSION: i32 = 3;
 
 const SCHEMA_SQL: &str = include_str!("schema.sql");
 
@@ -121,7 +123,7 @@ impl Control {
             .map_err(|e| self.no_usage(e))?
             .get(0);
         if exists {
-            self.upgrade(client).await?;
+            self.bring_up_to_date(client).await?;
         }
         Ok(exists)
     }
@@ -147,14 +149,10 @@ impl Control {
             .map_err(|e| self.no_usage(e))?
             .get(0);
         if exists {
-            return self.upgrade(client).await;
+            return self.bring_up_to_date(client).await;
         }
         let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('pgshift control schema ' || $1, 0))",
-            &[&self.schema],
-        )
-        .await?;
+        tx.execute(migrations::LOCK_SQL, &[&self.schema]).await?;
         // Another runner may have created it while we waited for the lock. Running
         // the script again would not be a no-op: `CREATE INDEX IF NOT EXISTS`
         // takes a SHARE lock on its table before it finds the index there, and so
@@ -172,17 +170,14 @@ impl Control {
             .get(0);
         if created {
             tx.commit().await?;
-            return self.upgrade(client).await;
+            return self.bring_up_to_date(client).await;
         }
-        // The version 1 baseline, then every migration: a new schema takes the same
-        // path as an upgraded one, so the migrations run on every fresh install too.
-        let mut script = self
+        // The version 1 baseline; then the migrations, as for an upgraded schema,
+        // so that they run on every fresh install too.
+        let script = self
             .sql(SCHEMA_SQL)
             .replace("__STATUSES__", &Status::sql_list())
             .replace("__RUNNING__", Status::Running.as_str());
-        for (_, m) in migrate::MIGRATIONS {
-            script.push_str(&self.sql(m));
-        }
         tx.batch_execute(&script).await.map_err(|e| {
             let err = Error::from(e);
             match err.sqlstate() {
@@ -194,7 +189,7 @@ impl Control {
             }
         })?;
         tx.commit().await?;
-        self.upgrade(client).await
+        self.bring_up_to_date(client).await
     }
 
     /// A permission error on the schema itself (it exists, owned by another role,

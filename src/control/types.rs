@@ -497,6 +497,33 @@ pub enum Event {
     PreflightFailed {
         findings: Vec<String>,
     },
+    /// Rows whose dual write failed were checked again before a gate or the contract phase.
+    TriggerFailuresChecked {
+        fixed: usize,
+        open: usize,
+        unchecked: usize,
+    },
+    /// A backfill batch failed; narrowing it found the first row that fails.
+    BackfillRowFailed {
+        worker: i32,
+        key: Json,
+        error: String,
+        sqlstate: Option<String>,
+        /// Statements the narrowing ran (the smaller batches that committed included).
+        statements: u32,
+    },
+    /// A failing backfill batch passed once narrowed: the error did not come back.
+    BackfillNarrowed {
+        worker: i32,
+        error: String,
+        statements: u32,
+    },
+    /// What the plan needs or created is gone or changed (someone else changed the database).
+    DriftFound {
+        object: String,
+        found: String,
+        expected: String,
+    },
     /// `pgshift finalize` dropped what the contract phase set aside.
     Finalized {
         by: String,

@@ -35,8 +35,51 @@ pub enum Error {
         message: String,
     },
     /// The server refused or failed a statement of the step (not a lost connection).
-    #[error("step `{step}` failed: {source}")]
+    #[error("step `{step}` failed: {source}{}", missing_object(source))]
     Database { step: String, source: db::Error },
+    /// A statement of the step ran past its `statement_timeout` and the server cancelled it.
+    #[error(
+        "step `{step}` failed: {} ran past its statement_timeout of {} and the server cancelled it{}. {}",
+        if batch.is_some() { "a batch" } else { "a statement" },
+        human(*limit),
+        match batch { Some((n, b)) => format!(" ({n} times in a row, the last batch {b} rows)"), None => String::new() },
+        if batch.is_some() {
+            format!("Give the step a longer `statement_timeout` in the plan, or smaller batches (`batch_size`, `target_batch_time`), then `pgshift resume {plan} --accept-changed`")
+        } else {
+            format!("If the statement needs that long, raise the step's `statement_timeout` in the plan (or `settings.statement_timeout`), then `pgshift resume {plan} --accept-changed`")
+        }
+    )]
+    StatementTimeout {
+        plan: String,
+        step: String,
+        limit: Duration,
+        /// For a backfill: attempts in a row, and the last batch's size.
+        batch: Option<(u32, u32)>,
+        source: Box<db::Error>,
+    },
+    /// A backfill batch failed on a row: the batch was narrowed down to its first failing row.
+    #[error(
+        "step `{step}` failed on the row of {table} where {key}: {source}. The rows before it are done and checkpointed. Fix that row (or the step's `set`), then `pgshift resume {plan}`: the backfill continues from its checkpoint, right before that row"
+    )]
+    RowFailed {
+        plan: String,
+        step: String,
+        table: String,
+        key: String,
+        source: Box<db::Error>,
+    },
+    /// Rows whose dual write failed are not fixed: the plan may not pass a gate or enter contract.
+    #[error("step `{step}` failed: {unfixed}")]
+    TriggerFailures { step: String, unfixed: Box<Unfixed> },
+    /// Someone changed the database: what the plan needs or created is gone or changed.
+    #[error("step `{step}` failed: {object} {found}, but {expected}. {fix}")]
+    Drift {
+        step: String,
+        object: String,
+        found: &'static str,
+        expected: String,
+        fix: String,
+    },
     #[error("lost the connection during step `{step}`: {source}")]
     ConnectionLost { step: String, source: db::Error },
     /// Every attempt timed out waiting for its lock (or deadlocked).
@@ -197,6 +240,10 @@ impl Error {
             Error::Cancelled { step }
             | Error::Gate { step, .. }
             | Error::Database { step, .. }
+            | Error::StatementTimeout { step, .. }
+            | Error::RowFailed { step, .. }
+            | Error::TriggerFailures { step, .. }
+            | Error::Drift { step, .. }
             | Error::ConnectionLost { step, .. }
             | Error::RetriesExhausted { step, .. }
             | Error::Reconnects { step, .. }
@@ -229,6 +276,78 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The server error underneath, if there is one (for its SQLSTATE).
+    pub fn source_db(&self) -> Option<&db::Error> {
+        match self {
+            Error::Database { source, .. }
+            | Error::ConnectionLost { source, .. }
+            | Error::RetriesExhausted { source, .. } => Some(source),
+            Error::StatementTimeout { source, .. } | Error::RowFailed { source, .. } => {
+                Some(source)
+            }
+            Error::Db(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The rows of failed dual writes that keep a plan from going on, for [`Error::TriggerFailures`].
+#[derive(Debug)]
+pub struct Unfixed {
+    pub plan: String,
+    /// What the rows prevent: "pass gate `x`", "enter its contract phase".
+    pub at: String,
+    pub total: usize,
+    /// The first few, described.
+    pub rows: Vec<String>,
+    /// How many of them pgshift cannot evaluate again by itself.
+    pub unchecked: usize,
+    /// The control schema, quoted.
+    pub control: String,
+}
+
+impl std::fmt::Display for Unfixed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plan = &self.plan;
+        write!(
+            f,
+            "{} row(s) failed the dual-write trigger and are not fixed, so the plan cannot {}: {}",
+            self.total,
+            self.at,
+            self.rows.join("; ")
+        )?;
+        if self.total > self.rows.len() {
+            write!(f, "; and {} more", self.total - self.rows.len())?;
+        }
+        write!(
+            f,
+            ". Those rows were written without their new value. Fix each row so that the trigger's expression succeeds for it (an UPDATE of the row runs the trigger again), or delete it, then `pgshift resume {plan}`; `pgshift status {plan}` lists them all"
+        )?;
+        if self.unchecked > 0 {
+            write!(
+                f,
+                ". pgshift cannot check {} of them again by itself; once they are fixed, mark them so: `UPDATE {}.trigger_failures SET resolved_at = now(), resolution = 'fixed by hand' WHERE plan_id = {} AND resolved_at IS NULL`",
+                self.unchecked,
+                self.control,
+                crate::ident::quote_literal(plan)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What to add when the server says an object does not exist: the plan expected it.
+fn missing_object(e: &db::Error) -> &'static str {
+    match e.sqlstate() {
+        // undefined_table, undefined_column, undefined_object, undefined_function
+        Some("42P01" | "42703" | "42704" | "42883") => {
+            ". The plan expected it to exist: if it did when the plan started, someone dropped or renamed it since"
+        }
+        _ => "",
+    }
+}
+
 impl ExitStatus for Error {
     fn exit(&self) -> Exit {
         match self {
@@ -239,6 +358,10 @@ impl ExitStatus for Error {
             | Error::ConnectionLost { .. }
             | Error::LockLost { .. } => Exit::Resumable,
             Error::Database { .. }
+            | Error::StatementTimeout { .. }
+            | Error::RowFailed { .. }
+            | Error::TriggerFailures { .. }
+            | Error::Drift { .. }
             | Error::RetriesExhausted { .. }
             | Error::Reconnects { .. }
             | Error::CheckFalse { .. }

@@ -9,7 +9,7 @@
 pub mod ddl;
 mod error;
 
-pub use error::Error;
+pub use error::{Error, Unfixed};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -236,7 +236,15 @@ impl StepCx {
 
     /// A database error of this step: a lost connection is resumable, anything else fails it.
     pub fn db_error(&self, e: db::Error) -> Error {
-        if e.is_connection_lost() {
+        if e.is_statement_timeout() {
+            Error::StatementTimeout {
+                plan: self.plan.clone(),
+                step: self.step.clone(),
+                limit: self.statement_timeout,
+                batch: None,
+                source: Box::new(e),
+            }
+        } else if e.is_connection_lost() {
             Error::ConnectionLost {
                 step: self.step.clone(),
                 source: e,

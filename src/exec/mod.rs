@@ -5,6 +5,8 @@
 
 pub mod catalog;
 pub mod changed;
+pub mod drift;
+pub mod failures;
 pub mod finalize;
 pub mod hooks;
 pub mod lock;

@@ -175,6 +175,10 @@ async fn rollback_locked(cx: &Context, plan: &Plan, held: &mut Held) -> Result<(
     cx.control
         .set_plan_status(&held.conn, &plan.id, Status::RolledBack)
         .await?;
+    // Its dual writes are gone: rows they failed on no longer hold anything up.
+    cx.control
+        .resolve_trigger_failures(&held.conn, &plan.id, "the plan was rolled back")
+        .await?;
     cx.control
         .event(&held.conn, &plan.id, None, &Event::RollbackFinished {})
         .await?;

@@ -96,12 +96,18 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
         losses = if step == lost_in { losses + 1 } else { 1 };
         lost_in = step;
         if losses > MAX_RECONNECTS {
-            kept = Some(held);
-            break Err(Error::Reconnects {
+            let e = Error::Reconnects {
                 plan: plan.id.clone(),
                 step: lost_in.unwrap_or_else(|| "(between steps)".into()),
                 losses,
-            });
+            };
+            // The step was recorded as interrupted each time; now it has failed.
+            if let Some(step) = plan.step(e.step().unwrap_or_default()) {
+                let sx = step_cx(cx, plan, step, Status::Interrupted);
+                failed(&sx, &held.conn, &e).await;
+            }
+            kept = Some(held);
+            break Err(e);
         }
         // The server went away (restart, failover, network cut). Reconnect and take the
         // plan's lock again within --reconnect-timeout, then continue from the control
@@ -135,8 +141,20 @@ pub async fn run(cx: &Context, plan: &Plan, mode: Mode) -> Result<(), Error> {
 
 /// Records why the run stopped on the plan, and tells the `on_failure` hooks of a failure.
 async fn stopped(cx: &Context, plan: &Plan, held: &Held, e: &Error) {
+    // A gate that what was found before passing keeps closed still waits.
+    let at_gate = match (e, e.step()) {
+        (Error::TriggerFailures { .. } | Error::Drift { .. }, Some(step)) => cx
+            .control
+            .steps(&held.conn, &plan.id)
+            .await
+            .ok()
+            .and_then(|rows| rows.into_iter().find(|r| r.name == step))
+            .is_some_and(|r| r.kind == "gate" && r.status == Status::Waiting),
+        _ => false,
+    };
     let status = match e {
         Error::Gate { .. } => Some(Status::Waiting),
+        _ if at_gate => Some(Status::Waiting),
         Error::Cancelled { .. } | Error::ConnectionLost { .. } | Error::LockLost { .. } => {
             Some(Status::Interrupted)
         }
@@ -246,6 +264,11 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
         .await?;
     let mut phase: Option<Phase> = None;
     let mut gate_passable = mode == Mode::Resume;
+    let mut checked_created = false;
+    // The contract phase is entered once one of its steps that changes something succeeded.
+    let mut in_contract = plan.steps.iter().any(|s| {
+        s.phase == Phase::Contract && !s.kind.is_guard() && status_of(&s.name) == Status::Succeeded
+    });
     for step in &plan.steps {
         if mode == Mode::BackfillOnly
             && (step.phase != Phase::Backfill
@@ -281,10 +304,74 @@ async fn run_locked(cx: &Context, plan: &Plan, mode: Mode, held: &mut Held) -> R
         if pass_gate {
             gate_passable = false;
         }
+        let first = !std::mem::replace(&mut checked_created, true);
+        if let Err(e) = before_step(cx, plan, step, &rows, first, pass_gate, in_contract).await {
+            blocked(cx, plan, step, rows.get(&step.name), &e).await;
+            return Err(e);
+        }
         let fence = held.fence();
         run_step(cx, plan, step, pass_gate, rows.get(&step.name), fence).await?;
+        in_contract |= step.phase == Phase::Contract && !step.kind.is_guard();
     }
     finish_run(cx, plan, mode, held, phase).await
+}
+
+/// What must hold before `step` runs: what the finished steps created is still
+/// there (`first`: before the run's first step), what the step works on exists,
+/// and no row whose dual write failed is left unfixed when a gate is passed or
+/// the contract phase entered.
+async fn before_step(
+    cx: &Context,
+    plan: &Plan,
+    step: &Step,
+    rows: &HashMap<String, StepRow>,
+    first: bool,
+    pass_gate: bool,
+    in_contract: bool,
+) -> Result<(), Error> {
+    if first {
+        super::drift::check_created(cx, plan, rows, step).await?;
+    }
+    super::drift::check_needs(cx, plan, step).await?;
+    let is_gate = matches!(step.kind, crate::kind::StepKind::Gate(_));
+    if pass_gate {
+        let at = format!("pass gate `{}`", step.name);
+        super::failures::guard(cx, plan, step, &at).await?;
+    } else if step.phase == Phase::Contract && !in_contract && !is_gate {
+        super::failures::guard(cx, plan, step, "enter its contract phase").await?;
+    } else if is_gate {
+        super::failures::note_at_gate(cx, plan, &step.name).await;
+    }
+    Ok(())
+}
+
+/// Records why `step` did not start. A gate that rows of failed dual writes
+/// keep closed stays `waiting` (with the reason as its last error), so that
+/// passing it still takes the operator's word; any other step is failed.
+async fn blocked(cx: &Context, plan: &Plan, step: &Step, row: Option<&StepRow>, e: &Error) {
+    if e.is_connection_lost() {
+        return;
+    }
+    let Ok(c) = db::get(&cx.pool, &cx.target).await else {
+        return;
+    };
+    let previous = row.map(|r| r.status).unwrap_or(Status::Pending);
+    let sx = step_cx(cx, plan, step, previous);
+    if matches!(step.kind, crate::kind::StepKind::Gate(_)) && previous == Status::Waiting {
+        let msg = e.to_string();
+        let _ = cx
+            .control
+            .step_status(
+                &**c,
+                &plan.id,
+                &step.name,
+                Status::Waiting,
+                Some((&msg, None)),
+            )
+            .await;
+    } else {
+        failed(&sx, &**c, e).await;
+    }
 }
 
 /// After the last step: the last phase's `after` hooks, the plan's mark, `on_success`.
@@ -474,7 +561,13 @@ async fn failed(sx: &StepCx, c: &impl tokio_postgres::GenericClient, e: &Error) 
         Error::Database { source, .. } | Error::ConnectionLost { source, .. } => {
             (source.to_string(), source.sqlstate().map(str::to_string))
         }
-        other => (other.to_string(), None),
+        other => (
+            other.to_string(),
+            other
+                .source_db()
+                .and_then(|s| s.sqlstate())
+                .map(str::to_string),
+        ),
     };
     let status = match e {
         Error::ConnectionLost { .. } | Error::Cancelled { .. } | Error::LockLost { .. } => {

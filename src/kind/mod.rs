@@ -215,7 +215,14 @@ impl StepKind {
         match self {
             StepKind::Sql(body) => sql::execute(sx, body).await,
             StepKind::Trigger(t) => {
-                let statements = trigger::statements(&sx.plan, &sx.step, t);
+                let mut statements = trigger::statements(&sx.plan, &sx.step, t);
+                // Registered in the same transaction: a failing trigger reports to this control schema.
+                let name = trigger::names(&sx.plan, &sx.step).trigger;
+                let register = sx
+                    .cx
+                    .control
+                    .register_dual_write(&sx.plan, &sx.step, &t.table, &name);
+                statements.push(register);
                 ddl::run_transactional(sx, &statements, Some(Status::Succeeded)).await
             }
             StepKind::DropTrigger(d) => {

@@ -67,7 +67,7 @@ impl Ran {
     pub fn failure(&self, command: &str, timeout: Duration) -> String {
         let how = if self.timed_out {
             format!(
-                "was killed after its timeout of {}",
+                "was killed with its process group after its timeout of {} (raise the step's `timeout` if it needs longer)",
                 crate::duration::format(timeout)
             )
         } else if self.cancelled {

@@ -8,6 +8,7 @@
 //! with it so that `show` can print them. Nothing here touches a database.
 
 pub mod checksum;
+pub mod created;
 pub mod defaults;
 pub mod diag;
 pub mod lint;

@@ -23,6 +23,9 @@ mod regressions;
 mod replica;
 mod replication;
 mod runtime;
+#[macro_use]
+mod runtime_cases;
+mod runtime_data;
 mod status;
 mod terminal;
 mod tls;

@@ -66,7 +66,7 @@ async fn a_version_1_schema_with_a_backfill_under_way_is_upgraded_in_place_and_r
         db.scalar_string("SELECT value FROM pgshift.meta WHERE key = 'schema_version'")
             .await
             .as_deref(),
-        Some("2")
+        Some("3")
     );
     // Version 1's count of changed rows moved to the range that made them.
     assert_eq!(
@@ -110,6 +110,6 @@ async fn a_version_1_schema_with_a_backfill_under_way_is_upgraded_in_place_and_r
         db.scalar_string("SELECT value FROM pgshift.meta WHERE key = 'schema_version'")
             .await
             .as_deref(),
-        Some("2")
+        Some("3")
     );
 }

@@ -28,6 +28,7 @@
 pub mod batch;
 mod coordinator;
 mod key;
+mod narrow;
 mod ranges;
 mod signals;
 mod spec;

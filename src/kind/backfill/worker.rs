@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::BackfillSpec;
 use super::batch::{self, Applied, Outcome};
 use super::coordinator::{Gate, INTERVAL};
+use super::narrow;
 use super::ranges::Range;
 use super::throttle::{self, Limits, Settings, Sizer};
 use crate::control::{Event, Overrides};
@@ -128,10 +129,10 @@ impl Shared {
 }
 
 /// A worker's connection: its own, with the session set up and the statements prepared.
-struct Conn {
-    client: Client,
-    first: Statement,
-    next: Statement,
+pub(super) struct Conn {
+    pub(super) client: Client,
+    pub(super) first: Statement,
+    pub(super) next: Statement,
 }
 
 /// Opens the worker's connection. Session settings are safe here: the
@@ -353,6 +354,16 @@ async fn run_worker(sh: &Shared, conn: &Conn, st: &mut WorkerState) -> Result<En
                 retry(sh, &conn.client, st, e, size, failures).await?;
                 continue;
             }
+            // A row's data failed the batch: find that row (see narrow.rs).
+            Err(e) if narrow::is_row_error(&e) && st.pinned.is_none() => {
+                match narrow::narrow(sh, conn, e, size, st.worker, st.from_start).await {
+                    Ok(narrow::Narrowed::Row(err)) => return Err(Interrupt::Error(err)),
+                    Ok(narrow::Narrowed::Passed { done: true, .. }) => return Ok(End::Done),
+                    Ok(narrow::Narrowed::Passed { moved, .. }) => st.from_start &= !moved,
+                    Err(e) => return Err(classify(sh, e)),
+                }
+                continue;
+            }
             Err(e) => return Err(Interrupt::Error(sh.sx.db_error(e))),
         };
         failures = 0;
@@ -492,7 +503,7 @@ async fn retry(
     failures: u32,
 ) -> Result<(), Interrupt> {
     if failures > sh.sx.retries {
-        return Err(Interrupt::Error(sh.sx.db_error(e)));
+        return Err(Interrupt::Error(narrow::gave_up(sh, e, failures, size)));
     }
     // A timeout says the batch is too big for the moment; a deadlock or
     // serialization failure just needs another try.
