@@ -306,6 +306,35 @@ pub fn context(
 
 /// First SIGINT/SIGTERM: stop after the batch or statement in flight. Second SIGINT: exit at once.
 fn install_signals(cancel: CancellationToken, terminal: Arc<report::Terminal>) {
+    on_interrupts(
+        move || {
+            terminal.interrupted();
+            Line::info(
+                "interrupted",
+                "interrupted: cancelling the statement in flight and saving progress (press Ctrl-C again to quit at once)",
+            )
+            .emit();
+            cancel.cancel();
+        },
+        || {
+            Line::info(
+                "exit_now",
+                format!(
+                    "second interrupt, exiting now; `{}` continues from the last committed step or batch",
+                    hint::command("resume PLAN")
+                ),
+            )
+            .emit();
+        },
+    );
+}
+
+/// Runs `first` at the first SIGINT or SIGTERM; at the second, runs `second`
+/// and exits at once with exit 3 (what committed is recorded; resume continues).
+pub(crate) fn on_interrupts(
+    first: impl FnOnce() + Send + 'static,
+    second: impl FnOnce() + Send + 'static,
+) {
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -316,25 +345,12 @@ fn install_signals(cancel: CancellationToken, terminal: Arc<report::Terminal>) {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        terminal.interrupted();
-        Line::info(
-            "interrupted",
-            "interrupted: cancelling the statement in flight and saving progress (press Ctrl-C again to quit at once)",
-        )
-        .emit();
-        cancel.cancel();
+        first();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        Line::info(
-            "exit_now",
-            format!(
-                "second interrupt, exiting now; `{}` continues from the last committed step or batch",
-                hint::command("resume PLAN")
-            ),
-        )
-        .emit();
+        second();
         std::process::exit(Exit::Resumable.code());
     });
 }

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use crate::db;
 use crate::plan::raw::{self, Node, Value};
-use crate::plan::read::suggest;
-use crate::plan::{self, Diagnostic, Pos, Severity};
+use crate::plan::read::Reader;
+use crate::plan::{self, Pos};
 
 /// Targets running at once when neither the file nor `--parallel` says.
 pub const DEFAULT_PARALLEL: u32 = 4;
@@ -113,10 +113,7 @@ pub fn load(path: &Path) -> Result<Targets, plan::Error> {
 
 /// Validates the text of a targets file read from `path`.
 pub fn parse(path: &Path, text: &str) -> Result<Targets, plan::Error> {
-    let mut v = Checker {
-        file: path.to_path_buf(),
-        diags: Vec::new(),
-    };
+    let mut v = Checker(Reader::new(path.to_path_buf()));
     let root = match raw::parse(text) {
         Ok(n) => n,
         Err(e) => {
@@ -135,10 +132,7 @@ impl Targets {
     /// Reads each `url_env` from `env` and parses every URL; every problem is a
     /// diagnostic at the line that names the URL or the variable. Touches no database.
     pub fn resolve(&self, env: impl Fn(&str) -> Option<String>) -> Result<Resolved, plan::Error> {
-        let mut v = Checker {
-            file: self.file.clone(),
-            diags: Vec::new(),
-        };
+        let mut v = Checker(Reader::new(self.file.clone()));
         let mut targets = Vec::new();
         for e in &self.targets {
             if let Some(target) = v.url(&e.url, &format!("target `{}`", e.name), &env) {
@@ -178,124 +172,36 @@ fn valid_env_var(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-struct Checker {
-    file: PathBuf,
-    diags: Vec<Diagnostic>,
+/// The plan's reader (positioned diagnostics, keys checked with suggestions),
+/// with what only the targets file needs.
+struct Checker(Reader);
+
+impl std::ops::Deref for Checker {
+    type Target = Reader;
+    fn deref(&self) -> &Reader {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Checker {
+    fn deref_mut(&mut self) -> &mut Reader {
+        &mut self.0
+    }
 }
 
 impl Checker {
-    fn into_error(mut self) -> plan::Error {
-        self.diags.sort_by_key(|d| d.pos);
+    fn into_error(self) -> plan::Error {
+        let mut diags = self.0.diags;
+        diags.sort_by_key(|d| d.pos);
         plan::Error::Invalid {
-            file: self.file,
-            diagnostics: self.diags,
+            file: self.0.file,
+            diagnostics: diags,
         }
     }
 
-    fn error(&mut self, pos: Pos, rule: &str, message: impl Into<String>, help: Option<String>) {
-        self.diags.push(Diagnostic {
-            file: self.file.clone(),
-            pos,
-            severity: Severity::Error,
-            rule: rule.to_string(),
-            step: None,
-            message: message.into(),
-            help,
-        });
-    }
-
-    /// The entries of a map node; unknown keys are errors (with a suggestion).
-    fn entries<'n>(
-        &mut self,
-        node: &'n Node,
-        what: &str,
-        allowed: &[&str],
-    ) -> Vec<(&'n str, &'n Node, &'n Node)> {
-        let Value::Map(entries) = &node.value else {
-            self.error(
-                node.pos,
-                "type",
-                format!(
-                    "{what} must be a map of keys to values, not {}",
-                    node.value.describe()
-                ),
-                Some(format!("valid keys here: {}", allowed.join(", "))),
-            );
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for (k, val) in entries {
-            let Value::Str(key) = &k.value else {
-                self.error(
-                    k.pos,
-                    "type",
-                    format!("keys in {what} must be names, not {}", k.value.describe()),
-                    None,
-                );
-                continue;
-            };
-            if !allowed.contains(&key.as_str()) {
-                let help = match suggest(key, allowed) {
-                    Some(s) => format!(
-                        "did you mean `{s}`? valid keys here: {}",
-                        allowed.join(", ")
-                    ),
-                    None => format!("valid keys here: {}", allowed.join(", ")),
-                };
-                self.error(
-                    k.pos,
-                    "unknown-key",
-                    format!("unknown key `{key}` in {what}"),
-                    Some(help),
-                );
-                continue;
-            }
-            out.push((key.as_str(), k, val));
-        }
-        out
-    }
-
-    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
-        match &node.value {
-            Value::Str(s) if !s.trim().is_empty() => Some(s.clone()),
-            Value::Str(_) | Value::Null => {
-                self.error(node.pos, "empty", format!("{what} is empty"), None);
-                None
-            }
-            other => {
-                self.error(
-                    node.pos,
-                    "type",
-                    format!("{what} must be a string, not {}", other.describe()),
-                    None,
-                );
-                None
-            }
-        }
-    }
-
+    /// A count from `min` to `max`.
     fn count(&mut self, node: &Node, what: &str, min: i64, max: i64) -> Option<u32> {
-        match node.value {
-            Value::Int(i) if (min..=max).contains(&i) => Some(i as u32),
-            Value::Int(i) => {
-                self.error(
-                    node.pos,
-                    "value",
-                    format!("{what} is {i}; it must be between {min} and {max}"),
-                    None,
-                );
-                None
-            }
-            ref other => {
-                self.error(
-                    node.pos,
-                    "type",
-                    format!("{what} must be a whole number, not {}", other.describe()),
-                    None,
-                );
-                None
-            }
-        }
+        self.integer(node, what, min, max).map(|n| n as u32)
     }
 
     fn file(&mut self, root: &Node) -> Option<Targets> {
@@ -309,7 +215,7 @@ impl Checker {
         };
         let mut listed = false;
         for (key, _, val) in self.entries(root, "the targets file", &TOP_KEYS) {
-            match key {
+            match key.as_str() {
                 "parallel" => {
                     if let Some(n) = self.count(val, "`parallel`", 1, MAX_PARALLEL as i64) {
                         t.parallel = n;
@@ -384,7 +290,7 @@ impl Checker {
             let mut schema = None;
             let mut bad = !matches!(item.value, Value::Map(_));
             for (key, k, val) in entries {
-                match key {
+                match key.as_str() {
                     "name" => {
                         name = self.string(val, "`name`").map(|n| (n, val.pos));
                         bad |= name.is_none();
@@ -532,7 +438,7 @@ impl Checker {
         let mut mode = Some(Mode::Databases);
         let mut query_given = false;
         for (key, k, val) in entries {
-            match key {
+            match key.as_str() {
                 "url" => url = Some((k.pos, val)),
                 "url_env" => url_env = Some((k.pos, val)),
                 "query" => {
@@ -659,7 +565,7 @@ mod tests {
             all.contains("1:1 unknown-key unknown key `paralel`"),
             "{all}"
         );
-        assert!(all.contains("2:9 value"), "{all}");
+        assert!(all.contains("2:9 range"), "{all}");
         assert!(all.contains("5:10 password-in-file"), "{all}");
         assert!(!all.contains("hunter2"), "a password leaked: {all}");
         assert!(all.contains("6:11 duplicate-name"), "{all}");

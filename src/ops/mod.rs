@@ -460,22 +460,8 @@ impl<'a> Gen<'a> {
 
     /// Adds a step of `phase`.
     pub fn add(&mut self, phase: Phase, what: &str, kind: GenKind, describe: &str) -> &mut GenStep {
-        let name = self.name(what);
-        self.steps.push(GenStep {
-            phase,
-            pos: self.change.pos,
-            name,
-            description: format!(
-                "changes[{}] {}: {describe}",
-                self.change.index,
-                self.change.op.summary()
-            ),
-            kind,
-            rollback: None,
-            finalize: None,
-            allow: Vec::new(),
-            backfill: Vec::new(),
-        });
+        let step = self.step(phase, what, kind, describe);
+        self.steps.push(step);
         self.steps.last_mut().expect("just pushed")
     }
 

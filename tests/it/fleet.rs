@@ -515,6 +515,33 @@ async fn an_unreachable_target_and_a_missing_table_are_named_the_others_finish_a
     );
 }
 
+/// Waits until one of `dbs` is in the middle of plan `plan`'s backfill (40 rows
+/// committed, not done), while the fleet runner `child` still runs.
+async fn mid_backfill(dbs: &[TestDb], plan: &str, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "no backfill got going");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the fleet ended before the backfill was under way"
+        );
+        for d in dbs {
+            if plan_status(&d.client, "pgshift", plan).await.is_some()
+                && d.scalar_i64(
+                    "SELECT count(*) FROM pgshift.steps s WHERE name = 'fill_v' AND status = 'running'
+                       AND (SELECT coalesce(sum(r.rows_done), 0) FROM pgshift.backfill_ranges r
+                            WHERE r.plan_id = s.plan_id AND r.step = s.name) >= 40",
+                )
+                .await
+                    > 0
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 // kill -9 of the fleet runner while targets are mid-backfill and others have
 // not started; then `fleet resume` (to the gate) and `--yes fleet resume`:
 // every target ends right, and no step and no batch committed twice anywhere.
@@ -545,28 +572,7 @@ async fn kill_9_of_the_fleet_runner_then_resume_ends_every_target_right_with_no_
         .spawn()
         .unwrap();
     // Wait until a target after the canary is in the middle of its backfill.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    'wait: loop {
-        assert!(Instant::now() < deadline, "no backfill got going");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the fleet ended before the kill"
-        );
-        for d in &dbs[1..] {
-            if plan_status(&d.client, "pgshift", "fleet_kill").await.is_some()
-                && d.scalar_i64(
-                    "SELECT count(*) FROM pgshift.steps s WHERE name = 'fill_v' AND status = 'running'
-                       AND (SELECT coalesce(sum(r.rows_done), 0) FROM pgshift.backfill_ranges r
-                            WHERE r.plan_id = s.plan_id AND r.step = s.name) >= 40",
-                )
-                .await
-                    > 0
-            {
-                break 'wait;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    mid_backfill(&dbs[1..], "fleet_kill", &mut child).await;
     child.kill().unwrap(); // SIGKILL
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), None, "killed by a signal");
@@ -648,7 +654,7 @@ async fn sigterm_stops_every_target_resumably_and_resume_continues() {
             discover_query("term")
         ),
     );
-    let child = Command::new(bin())
+    let mut child = Command::new(bin())
         .args(["fleet", "apply", s(&plan), "--targets", s(&targets)])
         .env_remove("DATABASE_URL")
         .env("FLEET_ADMIN_URL", server_url())
@@ -657,24 +663,7 @@ async fn sigterm_stops_every_target_resumably_and_resume_continues() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    'wait: loop {
-        assert!(Instant::now() < deadline, "no backfill got going");
-        for d in &dbs {
-            if plan_status(&d.client, "pgshift", "fleet_term").await.is_some()
-                && d.scalar_i64(
-                    "SELECT count(*) FROM pgshift.steps s WHERE name = 'fill_v' AND status = 'running'
-                       AND (SELECT coalesce(sum(r.rows_done), 0) FROM pgshift.backfill_ranges r
-                            WHERE r.plan_id = s.plan_id AND r.step = s.name) >= 40",
-                )
-                .await
-                    > 0
-            {
-                break 'wait;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    mid_backfill(&dbs, "fleet_term", &mut child).await;
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -1057,7 +1046,7 @@ async fn bad_targets_files_are_refused_with_file_line_col_and_exit_2_touching_no
         (
             "zero_parallel.yaml",
             format!("parallel: 0\ntargets:\n  - name: a\n    url: {url}\n"),
-            vec![":1:11: error[value]: `parallel` is 0; it must be between 1 and 256"],
+            vec![":1:11: error[range]: `parallel` is 0; it must be between 1 and 256"],
         ),
         (
             "bad_mode.yaml",

@@ -472,28 +472,18 @@ fn conclude(
 /// First SIGINT/SIGTERM: every target stops after its batch or statement in
 /// flight and no new target starts. Second: exit at once (exit 3).
 fn install_signals(cancel: CancellationToken, view: Arc<View>, next: Next) {
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        view.message("interrupted: every running target stops after its statement or batch in flight and saves its progress; no new target starts (press Ctrl-C again to quit at once)");
-        cancel.cancel();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        eprintln!(
-            "pgshift: fleet: second interrupt, exiting now; each target continues from its last committed step or batch with `{}`",
-            next.resume()
-        );
-        std::process::exit(Exit::Resumable.code());
-    });
+    super::on_interrupts(
+        move || {
+            view.message("interrupted: every running target stops after its statement or batch in flight and saves its progress; no new target starts (press Ctrl-C again to quit at once)");
+            cancel.cancel();
+        },
+        move || {
+            eprintln!(
+                "pgshift: fleet: second interrupt, exiting now; each target continues from its last committed step or batch with `{}`",
+                next.resume()
+            );
+        },
+    );
 }
 
 /// Asks, on a terminal, before passing the gate the targets wait at. Off a
