@@ -17,6 +17,7 @@ pub mod phase;
 pub mod raw;
 pub mod read;
 pub mod sql;
+mod steps;
 pub mod validate;
 
 use std::collections::BTreeMap;
