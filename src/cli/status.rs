@@ -395,8 +395,16 @@ fn print_plan(s: &Shown) {
         Some(r) => println!("  last runner: {r} (gone: it no longer holds the plan's lock)"),
         None => {}
     }
+    // The step column fits the longest name (generated names run long), from 28 to 64.
+    let w = s
+        .steps
+        .iter()
+        .map(|x| x.name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(28, 64);
     println!(
-        "\n  {:>2}  {:<10} {:<28} {:<12} {:<11} {:>3} {:>9}  rows",
+        "\n  {:>2}  {:<10} {:<w$} {:<12} {:<11} {:>3} {:>9}  rows",
         "#", "phase", "step", "kind", "status", "try", "time"
     );
     let no_return = point_of_no_return(p);
@@ -407,7 +415,7 @@ fn print_plan(s: &Shown) {
                 st.name
             );
         }
-        print_step(st, s.alive, &p.id);
+        print_step(st, s.alive, &p.id, w);
     }
     if let Some((gate, message)) = &s.gate {
         println!("\nwaiting at gate `{gate}`, which asks:\n  {message}");
@@ -427,7 +435,7 @@ fn print_plan(s: &Shown) {
     }
 }
 
-fn print_step(s: &StepRow, alive: bool, plan: &str) {
+fn print_step(s: &StepRow, alive: bool, plan: &str, w: usize) {
     let time = s
         .duration_secs
         .map(|d| format!("{d:.1}s"))
@@ -439,7 +447,7 @@ fn print_step(s: &StepRow, alive: bool, plan: &str) {
         (d, None, _) => d.to_string(),
     };
     println!(
-        "  {:>2}  {:<10} {:<28} {:<12} {:<11} {:>3} {:>9}  {rows}",
+        "  {:>2}  {:<10} {:<w$} {:<12} {:<11} {:>3} {:>9}  {rows}",
         s.position + 1,
         s.phase,
         s.name,
