@@ -77,26 +77,14 @@ pub fn parse(r: &mut Reader, node: &Node) -> Option<Spec> {
         table: f.table(r, "table")?,
         column: f.column(r, "column")?,
         type_sql: f.type_sql(r, "type")?,
-        default: if f.has("default") {
-            Some(f.expression(r, "default")?)
-        } else {
-            None
-        },
+        default: f.optional_expression(r, "default")?,
         not_null: f.flag(r, "not_null"),
         unique: f.flag(r, "unique"),
         index: f.flag(r, "index"),
         references,
         on_delete,
-        check: if f.has("check") {
-            Some(f.expression(r, "check")?)
-        } else {
-            None
-        },
-        up: if f.has("up") {
-            Some(f.expression(r, "up")?)
-        } else {
-            None
-        },
+        check: f.optional_expression(r, "check")?,
+        up: f.optional_expression(r, "up")?,
         check_up: f.flag(r, "check_up"),
     })
     .filter(|s| {

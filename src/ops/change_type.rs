@@ -50,16 +50,8 @@ pub fn parse(r: &mut Reader, node: &Node) -> Option<Spec> {
         table: f.table(r, "table")?,
         column: f.column(r, "column")?,
         type_sql: f.type_sql(r, "type")?,
-        up: if f.has("up") {
-            Some(f.expression(r, "up")?)
-        } else {
-            None
-        },
-        down: if f.has("down") {
-            Some(f.expression(r, "down")?)
-        } else {
-            None
-        },
+        up: f.optional_expression(r, "up")?,
+        down: f.optional_expression(r, "down")?,
     })
 }
 

@@ -111,6 +111,16 @@ impl<'n> Fields<'n> {
         r.expression(n, &format!("`{}` {key}", self.op))
     }
 
+    /// An optional expression: `Some(None)` when `key` is absent, `None` when
+    /// it is present but invalid (the error is reported).
+    pub fn optional_expression(&self, r: &mut Reader, key: &str) -> Option<Option<String>> {
+        if self.has(key) {
+            self.expression(r, key).map(Some)
+        } else {
+            Some(None)
+        }
+    }
+
     /// A type name, checked by parsing `NULL::<type>`.
     pub fn type_sql(&self, r: &mut Reader, key: &str) -> Option<String> {
         let n = self.node(key)?;

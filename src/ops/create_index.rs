@@ -68,11 +68,7 @@ pub fn parse(r: &mut Reader, node: &Node) -> Option<Spec> {
         columns,
         name,
         unique: f.flag(r, "unique"),
-        where_: if f.has("where") {
-            Some(f.expression(r, "where")?)
-        } else {
-            None
-        },
+        where_: f.optional_expression(r, "where")?,
         method,
         include: if f.has("include") {
             f.columns(r, "include")?

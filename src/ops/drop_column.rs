@@ -29,11 +29,7 @@ pub fn parse(r: &mut Reader, node: &Node) -> Option<Spec> {
     Some(Spec {
         table: f.table(r, "table")?,
         column: f.column(r, "column")?,
-        down: if f.has("down") {
-            Some(f.expression(r, "down")?)
-        } else {
-            None
-        },
+        down: f.optional_expression(r, "down")?,
     })
 }
 

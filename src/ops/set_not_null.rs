@@ -22,11 +22,7 @@ pub fn parse(r: &mut Reader, node: &Node) -> Option<Spec> {
     Some(Spec {
         table: f.table(r, "table")?,
         column: f.column(r, "column")?,
-        fill: if f.has("fill") {
-            Some(f.expression(r, "fill")?)
-        } else {
-            None
-        },
+        fill: f.optional_expression(r, "fill")?,
     })
 }
 

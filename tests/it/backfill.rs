@@ -84,12 +84,25 @@ pub(crate) fn plan(body: &str) -> Plan {
 /// Creates the control schema and registers the plan.
 pub(crate) async fn register(db: &TestDb, plan: &Plan) {
     let mut c = connect(&db.url).await;
+    register_on(&mut c, plan).await;
+}
+
+/// Creates the control schema on `c`'s database and records `plan` there.
+pub(crate) async fn register_on(c: &mut tokio_postgres::Client, plan: &Plan) {
     let control = Control::new("pgshift");
-    control.ensure(&mut c).await.unwrap();
+    control.ensure(c).await.unwrap();
     control
-        .register(&mut c, &runner::record(plan), "test@host")
+        .register(c, &runner::record(plan), "test@host")
         .await
         .unwrap();
+}
+
+/// One bigint from `sql`, panicking with the query when it fails.
+pub(crate) async fn i64_of(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 /// Runs the plan's backfill step once, as the runner would.

@@ -116,6 +116,20 @@ fn fleet(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run pgshift")
 }
 
+/// Starts `pgshift fleet apply PLAN --targets TARGETS` in the background, as
+/// [`fleet`] runs it, with stderr kept for the test.
+fn spawn_fleet_apply(plan: &Path, targets: &Path) -> std::process::Child {
+    Command::new(bin())
+        .args(["fleet", "apply", s(plan), "--targets", s(targets)])
+        .env_remove("DATABASE_URL")
+        .env("FLEET_ADMIN_URL", server_url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -562,15 +576,7 @@ async fn kill_9_of_the_fleet_runner_then_resume_ends_every_target_right_with_no_
             discover_query("kill")
         ),
     );
-    let mut child = Command::new(bin())
-        .args(["fleet", "apply", s(&plan), "--targets", s(&targets)])
-        .env_remove("DATABASE_URL")
-        .env("FLEET_ADMIN_URL", server_url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_fleet_apply(&plan, &targets);
     // Wait until a target after the canary is in the middle of its backfill.
     mid_backfill(&dbs[1..], "fleet_kill", &mut child).await;
     child.kill().unwrap(); // SIGKILL
@@ -654,15 +660,7 @@ async fn sigterm_stops_every_target_resumably_and_resume_continues() {
             discover_query("term")
         ),
     );
-    let mut child = Command::new(bin())
-        .args(["fleet", "apply", s(&plan), "--targets", s(&targets)])
-        .env_remove("DATABASE_URL")
-        .env("FLEET_ADMIN_URL", server_url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_fleet_apply(&plan, &targets);
     mid_backfill(&dbs, "fleet_term", &mut child).await;
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

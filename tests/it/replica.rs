@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pgshift::control::Control;
 use pgshift::exec::{self, Options, Outcome};
 use tokio_postgres::Client;
 
-use crate::backfill::{Recorder, TOUCH, plan, run};
+use crate::backfill::{Recorder, TOUCH, i64_of, plan, register_on, run};
 use crate::cluster::Cluster;
 use crate::harness::*;
 
@@ -33,20 +32,8 @@ async fn setup(url: &str, p: &pgshift::plan::Plan) -> Client {
     ))
     .await
     .unwrap();
-    let control = Control::new("pgshift");
-    control.ensure(&mut c).await.unwrap();
-    control
-        .register(&mut c, &pgshift::exec::runner::record(p), "test@host")
-        .await
-        .unwrap();
+    register_on(&mut c, p).await;
     c
-}
-
-async fn i64_of(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
 }
 
 /// Rows done as the batches committed them: each batch commits its own range's
