@@ -1,6 +1,7 @@
 //! Backfill benchmark: pgshift against the honest baselines, in one run.
 //!
 //! `cargo bench --bench backfill [-- --rows 1000000,10000000 --reps 3 --batch 1000 --clients 4 --no-rtt]`
+//! `[--jobs update,loop,loop-trigger,loop-async,fixed,adaptive] [--workload-only] [--slow MS]`
 //! (or `BENCH_ROWS`, `BENCH_REPS`, `BENCH_BATCH`, `BENCH_CLIENTS`; defaults 1,000,000
 //! rows, 3 repetitions, batches of 1,000, 4 application clients). `DATABASE_URL`
 //! names the server (default the local one); databases named `pgshift_bench_*`
@@ -56,6 +57,13 @@ struct Args {
     clients: usize,
     rtt: bool,
     reps: usize,
+    /// Only these jobs (default: all).
+    jobs: Option<Vec<Job>>,
+    /// Skip the idle runs.
+    workload_only: bool,
+    /// Print each application operation slower than this many ms, with what the
+    /// application's sessions were waiting on around it.
+    slow_ms: Option<u32>,
 }
 
 fn args() -> Args {
@@ -77,6 +85,9 @@ fn args() -> Args {
             .unwrap_or(4),
         rtt: true,
         reps: env("BENCH_REPS").and_then(|v| v.parse().ok()).unwrap_or(3),
+        jobs: None,
+        workload_only: false,
+        slow_ms: None,
     };
     // `cargo bench` adds `--bench`; anything unknown is ignored.
     let argv: Vec<String> = std::env::args().collect();
@@ -88,6 +99,16 @@ fn args() -> Args {
             "--clients" => a.clients = value().parse().expect("--clients N"),
             "--no-rtt" => a.rtt = false,
             "--reps" => a.reps = value().parse().expect("--reps N"),
+            "--jobs" => {
+                a.jobs = Some(
+                    value()
+                        .split(',')
+                        .map(|j| Job::parse(j.trim()).unwrap_or_else(|| panic!("--jobs: unknown job `{j}` (update, loop, loop-trigger, loop-async, fixed, adaptive, reshape)")))
+                        .collect(),
+                )
+            }
+            "--workload-only" => a.workload_only = true,
+            "--slow" => a.slow_ms = Some(value().parse().expect("--slow MS")),
             _ => {}
         }
     }
@@ -121,6 +142,19 @@ impl Job {
         }
     }
 
+    fn parse(name: &str) -> Option<Job> {
+        Some(match name {
+            "update" => Job::Update,
+            "loop" => Job::Loop { trigger: false },
+            "loop-trigger" => Job::Loop { trigger: true },
+            "loop-async" => Job::LoopAsync,
+            "fixed" => Job::Fixed,
+            "adaptive" => Job::Adaptive,
+            "reshape" => Job::Reshape,
+            _ => return None,
+        })
+    }
+
     fn trigger(self) -> bool {
         !matches!(self, Job::Loop { trigger: false } | Job::Reshape)
     }
@@ -152,6 +186,9 @@ struct Bench {
     trigger_sql: Vec<String>,
     batch: i64,
     reps: usize,
+    jobs: Option<Vec<Job>>,
+    workload_only: bool,
+    slow_ms: Option<u32>,
 }
 
 /// The database each run works in: a fresh copy of a template.
@@ -266,6 +303,9 @@ async fn main() {
         dir,
         batch: a.batch,
         reps: a.reps.max(1),
+        jobs: a.jobs.clone(),
+        workload_only: a.workload_only,
+        slow_ms: a.slow_ms,
     };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -305,7 +345,7 @@ async fn size(b: &Bench, rows: i64, clients: usize) -> Vec<Row> {
     b.templates(rows).await;
     let url = b.url(RUN_DB);
     let _warm = b.fresh(true).await;
-    let app = Workload::start(&url, clients, rows).await;
+    let app = Workload::start(&url, clients, rows, None).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let alone = app.finish().await;
     println!(
@@ -317,27 +357,35 @@ async fn size(b: &Bench, rows: i64, clients: usize) -> Vec<Row> {
         ms(alone.p99),
         ms(alone.max)
     );
-    let mut jobs = vec![
-        Job::Update,
-        Job::Loop { trigger: false },
-        Job::Loop { trigger: true },
-        Job::LoopAsync,
-        Job::Fixed,
-        Job::Adaptive,
-    ];
-    if std::env::var_os("RESHAPE_BIN").is_some() {
-        jobs.push(Job::Reshape);
-    }
+    let jobs = b.jobs.clone().unwrap_or_else(|| {
+        let mut jobs = vec![
+            Job::Update,
+            Job::Loop { trigger: false },
+            Job::Loop { trigger: true },
+            Job::LoopAsync,
+            Job::Fixed,
+            Job::Adaptive,
+        ];
+        if std::env::var_os("RESHAPE_BIN").is_some() {
+            jobs.push(Job::Reshape);
+        }
+        jobs
+    });
+    let modes: &[bool] = if b.workload_only {
+        &[true]
+    } else {
+        &[false, true]
+    };
     let mut all = Vec::new();
     for _ in 0..b.reps {
-        for with_app in [false, true] {
+        for &with_app in modes {
             for &job in &jobs {
                 all.push(measure(b, job, with_app.then_some(clients), rows).await);
             }
         }
     }
     let mut out = Vec::new();
-    for with_app in [false, true] {
+    for &with_app in modes {
         for &job in &jobs {
             let runs: Vec<Row> = all
                 .extract_if(.., |r| r.job == job && r.app.is_some() == with_app)
@@ -356,7 +404,7 @@ async fn measure(b: &Bench, job: Job, clients: Option<usize>, rows: i64) -> Row 
     let url = b.url(RUN_DB);
     let w = match clients {
         Some(n) => {
-            let w = Workload::start(&url, n, rows).await;
+            let w = Workload::start(&url, n, rows, b.slow_ms).await;
             // Let the workload warm up before the job starts.
             tokio::time::sleep(Duration::from_millis(500)).await;
             Some(w)
@@ -365,7 +413,13 @@ async fn measure(b: &Bench, job: Job, clients: Option<usize>, rows: i64) -> Row 
     };
     let (secs, rss_kib) = run_job(b, &c, job, &url, None).await;
     let app = match w {
-        Some(w) => Some(w.finish().await),
+        Some(w) => {
+            let stats = w.finish().await;
+            if b.slow_ms.is_some() {
+                workload::print_slow(job.name(), &stats);
+            }
+            Some(stats)
+        }
         None => None,
     };
     check(&c, job).await;
