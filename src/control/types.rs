@@ -451,6 +451,12 @@ pub enum Event {
     VerifyFailed {
         missed: i64,
     },
+    /// The server started checkpoints close together while a backfill ran (said once per run).
+    CheckpointPressure {
+        checkpoints: i64,
+        seconds: u64,
+        max_wal_size: String,
+    },
     BackfillFinished {
         rows_done: u64,
         verified_missed: Option<i64>,

@@ -358,3 +358,47 @@ async fn an_anti_wraparound_autovacuum_of_the_table_holds_the_backfill_while_it_
         1
     );
 }
+
+/// A backfill whose WAL makes the server checkpoint every few seconds says so,
+/// once, with the settings that would space the checkpoints out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_forced_by_the_backfill_are_said_once_with_what_to_do() {
+    // The smallest max_wal_size the server takes: a checkpoint every ~17MB of WAL.
+    let server = Cluster::primary_with(
+        "ckpt",
+        "max_wal_size = 32MB\nmin_wal_size = 32MB\ncheckpoint_timeout = 1h",
+    );
+    let url = server.url("postgres");
+    let p = plan(
+        "table: items\nset: { v: \"md5(src)\" }\nwhere: v IS NULL\nbatch_size: 500\nthrottle: { sleep: 5ms }",
+    );
+    let c = setup(&url, 150_000, &p).await;
+    let r = Recorder::new();
+    let out = run(url.clone(), p, r.clone(), Options::default())
+        .await
+        .unwrap_or_else(|e| panic!("backfill failed: {e}"));
+    assert_eq!(out, Outcome::Done);
+    assert_all_rows_once(&c).await;
+    let said: Vec<String> = r
+        .messages
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m.contains("checkpoints in"))
+        .cloned()
+        .collect();
+    assert_eq!(said.len(), 1, "said once: {said:?}");
+    assert!(
+        said[0].contains("max_wal_size = 32MB")
+            && said[0].contains("ALTER SYSTEM SET max_wal_size")
+            && said[0].contains("pgshift throttle bf --max-wal-rate"),
+        "{}",
+        said[0]
+    );
+    let recorded = i64_of(
+        &c,
+        "SELECT count(*) FROM pgshift.events WHERE event = 'checkpoint_pressure' AND detail->>'max_wal_size' = '32MB' AND (detail->>'checkpoints')::int >= 3",
+    )
+    .await;
+    assert_eq!(recorded, 1);
+}

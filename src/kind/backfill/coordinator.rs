@@ -20,6 +20,7 @@ use serde_json::Value as Json;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
+use super::checkpoints;
 use super::signals::{self, SlotWatch};
 use super::throttle::Limits;
 use super::worker::{Figures, Shared};
@@ -59,7 +60,11 @@ pub struct Coordinator {
     held: Option<String>,
     rates: VecDeque<(Instant, u64)>,
     started: (Instant, u64),
+    checkpoints: checkpoints::Watch,
 }
+
+/// Ticks between two readings of the server's checkpoint count.
+const CHECKPOINT_TICKS: u64 = 4;
 
 impl Gate {
     /// The gate before the first sample: as old as can be, so it holds if signals are in force.
@@ -99,6 +104,7 @@ impl Coordinator {
             held: None,
             rates: VecDeque::new(),
             started,
+            checkpoints: checkpoints::Watch::default(),
         };
         c.sample().await;
         c
@@ -192,6 +198,29 @@ impl Coordinator {
         // stale sample): the log and `status` say so too, though the gate does not.
         let episode = sh.episode.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.record_changes(ov, hold.or(episode)).await;
+        if self.tick % CHECKPOINT_TICKS == 1 {
+            self.watch_checkpoints().await;
+        }
+    }
+
+    /// Says once when the server's checkpoints come close together (see
+    /// `checkpoints.rs`). Advice only: a failure to read is logged, nothing holds.
+    async fn watch_checkpoints(&mut self) {
+        let sh = self.sh.clone();
+        let Some(c) = self.conn.as_ref() else { return };
+        match self.checkpoints.check(c).await {
+            Ok(Some(p)) => {
+                sh.sx.cx.reporter.message(&p.advice(sh.name(), &sh.sx.plan));
+                let event = Event::CheckpointPressure {
+                    checkpoints: p.checkpoints,
+                    seconds: p.over.as_secs(),
+                    max_wal_size: p.max_wal_size.clone(),
+                };
+                sh.event(c, &event).await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(step = sh.name(), "cannot read the checkpoint count: {e}"),
+        }
     }
 
     /// Logs the overrides once when they change, and the hold and release of the backfill.

@@ -26,6 +26,7 @@
 //! `throttle.rs` (settings, limits, batch size, pacing), `ranges.rs` and `key.rs`.
 
 pub mod batch;
+mod checkpoints;
 mod coordinator;
 mod key;
 mod narrow;
