@@ -66,7 +66,9 @@ impl Workload {
     pub async fn start(url: &str, clients: usize, rows: i64, slow_ms: Option<u32>) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
-        let slow_us = slow_ms.map(|ms| ms.saturating_mul(1000)).unwrap_or(u32::MAX);
+        let slow_us = slow_ms
+            .map(|ms| ms.saturating_mul(1000))
+            .unwrap_or(u32::MAX);
         let mut tasks = Vec::new();
         for n in 0..clients {
             let c = connect(url).await;
@@ -116,7 +118,11 @@ impl Workload {
             }));
         }
         let sampler = match slow_ms {
-            Some(_) => Some(tokio::spawn(sample(connect(url).await, stop.clone(), started))),
+            Some(_) => Some(tokio::spawn(sample(
+                connect(url).await,
+                stop.clone(),
+                started,
+            ))),
             None => None,
         };
         Workload {
@@ -201,7 +207,11 @@ pub fn print_slow(job: &str, s: &AppStats) {
     for op in &s.slow {
         let end = op.at_ms + op.lat_us as f64 / 1000.0;
         let mut seen: Vec<(&str, usize)> = Vec::new();
-        for w in s.samples.iter().filter(|w| w.at_ms >= op.at_ms && w.at_ms <= end) {
+        for w in s
+            .samples
+            .iter()
+            .filter(|w| w.at_ms >= op.at_ms && w.at_ms <= end)
+        {
             match seen.iter_mut().find(|(what, _)| *what == w.what) {
                 Some((_, n)) => *n += 1,
                 None => seen.push((&w.what, 1)),
