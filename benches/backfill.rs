@@ -25,9 +25,9 @@
 //!   prepared statement per batch, autocommit, no checkpoint: the plainest loop
 //!   that does the job, without and with the trigger;
 //! - `pgshift fixed`: `pgshift plan apply` of a one-step backfill plan, batches of
-//!   1,000, in a child process: its time includes start-up, validation, the control
-//!   schema, a checkpoint with every batch and the final verify; its peak RSS
-//!   (VmHWM) is read from /proc;
+//!   1,000, in a child process, over plain TCP as the baselines (`sslmode=disable`):
+//!   its time includes start-up, validation, the control schema, a checkpoint with
+//!   every batch and the final verify; its peak RSS (VmHWM) is read from /proc;
 //! - `pgshift adaptive`: the same with `target_batch_time: 50ms`.
 //!
 //! Each runs on an idle server and under an application workload (N clients
@@ -533,9 +533,11 @@ async fn run_job(
                 Some(r) => r.command(bin),
                 None => Command::new(bin),
             };
+            // The baselines connect without TLS (NoTls): so does pgshift here, so that
+            // the comparison is of the backfills, not of the transports.
             cmd.args(["--progress", "never", "-q", "--yes", "plan", "apply"])
                 .arg(plan(b, job))
-                .env("DATABASE_URL", url);
+                .env("DATABASE_URL", format!("{url}?sslmode=disable"));
             peak = child(cmd).await;
         }
         Job::Reshape => reshape(b, url).await,
