@@ -302,27 +302,14 @@ async fn verify(sh: &Shared) -> Result<(), Error> {
         .await
         .map_err(fail)?;
     // The scan sets hint bits on every page the batches wrote, and so writes them
-    // out again: the same writeback as the workers' (see `worker::WRITEBACK`),
-    // for this transaction only. In a savepoint, so that a server refusing it
-    // leaves the transaction usable.
-    let tx = {
-        let mut tx = tx;
-        let sp = tx
-            .savepoint("pgshift_writeback")
-            .await
-            .map_err(|e| fail(e.into()))?;
-        match sp
-            .batch_execute(&worker::WRITEBACK.replace("SET ", "SET LOCAL "))
-            .await
-        {
-            Ok(()) => sp.commit().await.map_err(|e| fail(e.into()))?,
-            Err(e) => {
-                tracing::debug!(step = sx.step.as_str(), "backend_flush_after not set: {e}");
-                sp.rollback().await.map_err(|e| fail(e.into()))?;
-            }
-        }
-        tx
-    };
+    // out again: the same writeback as the workers' (`worker::WRITEBACK_AFTER`),
+    // for this transaction only.
+    tx.batch_execute(&format!(
+        "SET LOCAL backend_flush_after = '{}'",
+        worker::WRITEBACK_AFTER
+    ))
+    .await
+    .map_err(|e| fail(e.into()))?;
     let row = if sh.spec.verify.is_some() {
         tx.query_one(&sql, &[]).await
     } else {
