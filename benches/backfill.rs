@@ -36,6 +36,8 @@
 
 #[path = "backfill/net.rs"]
 mod net;
+#[path = "support/peak_rss.rs"]
+mod peak_rss;
 #[path = "backfill/report.rs"]
 mod report;
 #[path = "backfill/workload.rs"]
@@ -564,35 +566,22 @@ async fn plain_loop(c: &Client, batch: i64) {
     }
 }
 
-/// Runs a child process to its end; returns its peak RSS (VmHWM only grows: the
-/// last reading before it exits is the peak).
+/// Runs a child process to its end; returns its peak RSS.
 async fn child(mut cmd: Command) -> Option<u64> {
     tokio::task::spawn_blocking(move || {
-        let mut child = cmd
+        let child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start the child");
-        let status_file = format!("/proc/{}/status", child.id());
-        let mut peak = 0u64;
-        loop {
-            if let Some(kib) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            }) {
-                peak = peak.max(kib);
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                assert!(status.success(), "{cmd:?}: {status}\n{err}");
-                return (peak > 0).then_some(peak);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (out, peak) = peak_rss::wait(child);
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (peak > 0).then_some(peak)
     })
     .await
     .unwrap()

@@ -19,6 +19,9 @@
 //! peak is the fleet's real connection budget at that parallelism. The fleet
 //! process's peak RSS (VmHWM) is read from /proc.
 
+#[path = "support/peak_rss.rs"]
+mod peak_rss;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -250,7 +253,7 @@ async fn main() {
         let (status, stderr, rss_kib) = tokio::task::spawn_blocking({
             let (plan, targets, admin_url) = (plan.clone(), targets.clone(), admin_url.clone());
             move || {
-                let mut child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
+                let child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
                     .args(["fleet", "apply"])
                     .arg(&plan)
                     .arg("--targets")
@@ -262,27 +265,12 @@ async fn main() {
                     .stderr(std::process::Stdio::piped())
                     .spawn()
                     .expect("run pgshift");
-                let status_file = format!("/proc/{}/status", child.id());
-                let mut peak = 0u64;
-                loop {
-                    // VmHWM only grows: the last reading before exit is the peak.
-                    if let Some(kib) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
-                        s.lines()
-                            .find_map(|l| l.strip_prefix("VmHWM:"))
-                            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                    }) {
-                        peak = peak.max(kib);
-                    }
-                    if child.try_wait().unwrap().is_some() {
-                        let out = child.wait_with_output().unwrap();
-                        return (
-                            out.status,
-                            String::from_utf8_lossy(&out.stderr).into_owned(),
-                            peak,
-                        );
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                let (out, peak) = peak_rss::wait(child);
+                (
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                    peak,
+                )
             }
         })
         .await
