@@ -105,6 +105,17 @@ pub(crate) async fn i64_of(c: &tokio_postgres::Client, sql: &str) -> i64 {
         .get(0)
 }
 
+/// Rows done as the batches of step `fill` committed them: each batch commits its
+/// own range's count (`steps.rows_done` is the coordinator's copy, written about
+/// once a second, and stale when the server went away before it could write it).
+pub(crate) async fn rows_done(c: &tokio_postgres::Client) -> i64 {
+    i64_of(
+        c,
+        "SELECT coalesce(sum(rows_done), 0)::int8 FROM pgshift.backfill_ranges WHERE step = 'fill'",
+    )
+    .await
+}
+
 /// Runs the plan's backfill step once, as the runner would.
 pub(crate) async fn run(
     url: String,

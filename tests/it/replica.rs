@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use pgshift::exec::{self, Options, Outcome};
 use tokio_postgres::Client;
 
-use crate::backfill::{Recorder, TOUCH, i64_of, plan, register_on, run};
+use crate::backfill::{Recorder, TOUCH, i64_of, plan, register_on, rows_done, run};
 use crate::cluster::Cluster;
 use crate::harness::*;
 
@@ -34,17 +34,6 @@ async fn setup(url: &str, p: &pgshift::plan::Plan) -> Client {
     .unwrap();
     register_on(&mut c, p).await;
     c
-}
-
-/// Rows done as the batches committed them: each batch commits its own range's
-/// count (`steps.rows_done` is the coordinator's copy, written about once a second,
-/// and stale when the server went away before it could write it).
-async fn rows_done(c: &Client) -> i64 {
-    i64_of(
-        c,
-        "SELECT coalesce(sum(rows_done), 0)::int8 FROM pgshift.backfill_ranges WHERE step = 'fill'",
-    )
-    .await
 }
 
 /// Every row updated exactly once, to the right value.

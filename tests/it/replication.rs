@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use pgshift::engine::{BackfillProgress, Options, Outcome};
 use tokio_postgres::Client;
 
-use crate::backfill::{Recorder, i64_of, plan, register_on, run};
+use crate::backfill::{Recorder, i64_of, plan, register_on, rows_done, run};
 use crate::cluster::Cluster;
 use crate::harness::*;
 
@@ -37,15 +37,6 @@ async fn setup(url: &str, rows: i64, p: &pgshift::plan::Plan) -> Client {
     .unwrap();
     register_on(&mut c, p).await;
     c
-}
-
-/// Rows done as the batches committed them.
-async fn rows_done(c: &Client) -> i64 {
-    i64_of(
-        c,
-        "SELECT coalesce(sum(rows_done), 0)::int8 FROM pgshift.backfill_ranges",
-    )
-    .await
 }
 
 async fn assert_all_rows_once(c: &Client) {
