@@ -255,9 +255,6 @@ pub struct Checkpoint {
     /// The batch size the run started with.
     #[serde(default)]
     pub batch_size: u32,
-    /// Rows the batches changed (the rest of the range already had the right values).
-    #[serde(default)]
-    pub rows_updated: u64,
 }
 
 impl Checkpoint {
@@ -460,8 +457,6 @@ pub enum Event {
     BackfillFinished {
         rows_done: u64,
         verified_missed: Option<i64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        rows_updated: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         verify_ms: Option<u64>,
     },

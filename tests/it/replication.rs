@@ -361,8 +361,10 @@ async fn checkpoints_forced_by_the_backfill_are_said_once_with_what_to_do() {
     );
     let url = server.url("postgres");
     let p = plan(
-        "table: items\nset: { v: \"md5(src)\" }\nwhere: v IS NULL\nbatch_size: 500\nthrottle: { sleep: 5ms }",
+        "table: items\nset: { v: \"md5(src)\" }\nwhere: v IS NULL\nbatch_size: 500\nthrottle: { sleep: 15ms }",
     );
+    // 300 batches and their pauses: long enough (about 6s) for the coordinator,
+    // which reads the count every 2s, to see the checkpoints come.
     let c = setup(&url, 150_000, &p).await;
     let r = Recorder::new();
     let out = run(url.clone(), p, r.clone(), Options::default())

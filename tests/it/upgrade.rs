@@ -90,11 +90,6 @@ async fn a_version_1_schema_with_a_backfill_under_way_is_upgraded_in_place_and_r
         "every row updated exactly once across the upgrade"
     );
     assert_eq!(
-        db.scalar_i64("SELECT (checkpoint->>'rows_updated')::int8 FROM pgshift.steps")
-            .await,
-        3000
-    );
-    assert_eq!(
         db.scalar_i64("SELECT rows_done FROM pgshift.steps").await,
         3000
     );

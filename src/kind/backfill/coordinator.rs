@@ -367,9 +367,8 @@ async fn totals(
             &ctl.sql(
                 "UPDATE __SCHEMA__.steps AS s
                  SET rows_done = t.done,
-                     checkpoint = coalesce(s.checkpoint, '{}'::jsonb) || jsonb_build_object('rows_updated', t.updated),
                      progress = $3::jsonb || jsonb_build_object('at', now())
-                 FROM (SELECT coalesce(sum(rows_done), 0)::int8 AS done, coalesce(sum(rows_updated), 0)::int8 AS updated
+                 FROM (SELECT coalesce(sum(rows_done), 0)::int8 AS done
                        FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2) AS t
                  WHERE s.plan_id = $1 AND s.name = $2
                  RETURNING s.overrides",

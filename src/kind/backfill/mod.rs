@@ -146,7 +146,6 @@ pub async fn run(sx: &StepCx, spec: &BackfillSpec) -> Result<Outcome, Error> {
         workers: ranges.len() as u32,
         settings,
         rows_done: AtomicU64::new(rows_at_start),
-        rows_updated: AtomicU64::new(0),
         rows_total: rows_total.map(|n| n.max(0) as u64),
         wal: AtomicU64::new(0),
         batch_size: AtomicU32::new(0),
@@ -339,22 +338,18 @@ async fn finish(
     let totals = c
         .query_one(
             &sh.sx.cx.control.sql(
-                "SELECT coalesce(sum(rows_done), 0)::int8, coalesce(sum(rows_updated), 0)::int8 FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2",
+                "SELECT coalesce(sum(rows_done), 0)::int8 FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2",
             ),
             &[&sh.sx.plan, &sh.name()],
         )
         .await;
-    let (done, updated) = match totals {
-        Ok(r) => (
-            r.get::<_, i64>(0).max(0) as u64,
-            Some(r.get::<_, i64>(1).max(0) as u64),
-        ),
-        Err(_) => (sh.rows_done.load(Ordering::Relaxed), None),
+    let done = match totals {
+        Ok(r) => r.get::<_, i64>(0).max(0) as u64,
+        Err(_) => sh.rows_done.load(Ordering::Relaxed),
     };
     let finished = Event::BackfillFinished {
         rows_done: done,
         verified_missed: verified,
-        rows_updated: updated,
         verify_ms: verify_started.map(|t| t.elapsed().as_millis() as u64),
     };
     sh.event(c, &finished).await;

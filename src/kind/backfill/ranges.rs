@@ -174,7 +174,6 @@ async fn insert_ranges(
         upper_key: upper.clone(),
         workers: count as u32,
         batch_size: settings.batch_size,
-        rows_updated: 0,
     }
     .to_json();
     tx.execute(

@@ -39,9 +39,8 @@ pub struct Shared {
     pub settings: Settings,
     /// The step's counts as the batches report them (the ranges hold the truth).
     pub rows_done: AtomicU64,
-    pub rows_updated: AtomicU64,
     pub rows_total: Option<u64>,
-    /// The highest WAL insert position a batch ended at (for the slot lag projection).
+    /// The highest WAL insert position a batch reached, projected (for the slot lag).
     pub wal: AtomicU64,
     /// The batch size last used.
     pub batch_size: AtomicU32,
@@ -224,6 +223,8 @@ struct WorkerState {
     limits_at: Instant,
     /// A batch found the step paused at this gate tick: wait for a newer one.
     paused_at: Option<u64>,
+    /// The WAL insert position when the previous batch on this connection started.
+    wal_start: Option<u64>,
 }
 
 impl WorkerState {
@@ -269,6 +270,7 @@ pub async fn work(sh: Arc<Shared>, range: Range) -> Result<End, Error> {
         limits: gate.limits.clone(),
         limits_at: gate.at,
         paused_at: None,
+        wal_start: None,
     };
     st.apply(&sh.settings, &gate.overrides, gate.at);
     let mut lost = None;
@@ -371,7 +373,7 @@ async fn run_worker(sh: &Shared, conn: &Conn, st: &mut WorkerState) -> Result<En
             sh.fence.epoch,
         );
         let at = Instant::now();
-        let applied = match batch::apply(&conn.client, stmt, params, backstop).await {
+        let mut applied = match batch::apply(&conn.client, stmt, params, backstop).await {
             Ok(Outcome::Applied(a)) => a,
             Ok(Outcome::Paused(ov)) => {
                 st.apply(&sh.settings, &ov, at);
@@ -407,7 +409,7 @@ async fn run_worker(sh: &Shared, conn: &Conn, st: &mut WorkerState) -> Result<En
         };
         failures = 0;
         missed = 0;
-        if after_batch(sh, st, &applied, at) {
+        if after_batch(sh, st, &mut applied, at) {
             return Ok(End::Done);
         }
         pace(sh, st, &applied).await?;
@@ -415,15 +417,20 @@ async fn run_worker(sh: &Shared, conn: &Conn, st: &mut WorkerState) -> Result<En
 }
 
 /// Books a committed batch; true when the worker's range is finished.
-fn after_batch(sh: &Shared, st: &mut WorkerState, a: &Applied, at: Instant) -> bool {
+fn after_batch(sh: &Shared, st: &mut WorkerState, a: &mut Applied, at: Instant) -> bool {
     if a.last_key.is_some() {
         st.from_start = false;
     }
+    a.wal_bytes = st
+        .wal_start
+        .map_or(0, |before| a.wal_start.saturating_sub(before));
+    st.wal_start = Some(a.wal_start);
     st.apply(&sh.settings, &a.overrides, at);
     st.sizer.observe(a.picked, a.elapsed);
     sh.rows_done.fetch_add(a.picked, Ordering::Relaxed);
-    sh.rows_updated.fetch_add(a.changed, Ordering::Relaxed);
-    sh.wal.fetch_max(a.wal_end, Ordering::Relaxed);
+    // Where the WAL is now, about: this batch wrote about as much as the one before.
+    sh.wal
+        .fetch_max(a.wal_start + a.wal_bytes, Ordering::Relaxed);
     sh.batch_size.store(a.size, Ordering::Relaxed);
     let slowed = sh.slowed.lock().unwrap_or_else(|p| p.into_inner()).clone();
     sh.report(st.worker, st.sizer.size(), slowed, false);
@@ -431,7 +438,6 @@ fn after_batch(sh: &Shared, st: &mut WorkerState, a: &Applied, at: Instant) -> b
         step = sh.name(),
         worker = st.worker,
         picked = a.picked,
-        changed = a.changed,
         wal = a.wal_bytes,
         ms = a.elapsed.as_millis() as u64,
         "batch committed"
