@@ -337,12 +337,12 @@ async fn summary(
     println!("  2. {hashed} of {total} leads carry the right email_hash");
     if ran {
         println!(
-            "  3. this run: the backfill updated {rows} rows in {:.1}s, with {retries} lock retries",
+            "  3. this run: the backfill went through {rows} rows in {:.1}s, with {retries} lock retries",
             secs
         );
     } else {
         println!(
-            "  3. nothing ran this time: {} had already succeeded here (its backfill updated {rows} rows then); `--fresh` starts over",
+            "  3. nothing ran this time: {} had already succeeded here (its backfill went through {rows} rows then); `--fresh` starts over",
             p2.id
         );
     }

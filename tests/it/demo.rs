@@ -37,7 +37,7 @@ fn demo_runs_to_the_end_on_the_server() {
         "{err}"
     );
     assert!(
-        out.contains("3. this run: the backfill updated 3000 rows"),
+        out.contains("3. this run: the backfill went through 3000 rows"),
         "{out}"
     );
     // The next command, as it can be run from here (no `pgshift` on the PATH).
@@ -78,7 +78,7 @@ fn demo_runs_to_the_end_on_the_server() {
         stdout(&o)
     );
     assert!(
-        !stdout(&o).contains("this run: the backfill updated"),
+        !stdout(&o).contains("this run: the backfill went through"),
         "{}",
         stdout(&o)
     );
