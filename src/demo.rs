@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::output::{Level, Line};
 use crate::cli::{Global, connect, hint, report};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::exec::{self, runner};
 use crate::exit::{Exit, ExitStatus};
 use crate::plan;
@@ -191,7 +191,7 @@ async fn prepare_database(
 ) -> Result<db::Target, exec::Error> {
     let admin = db::connect(server).await?;
     let exists: bool = admin
-        .query_one(
+        .row(
             "SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)",
             &[&name],
         )
@@ -230,7 +230,7 @@ async fn prepare_database(
 /// each announced, with a line every few seconds while a long one runs.
 async fn load_fixtures(c: &tokio_postgres::Client, leads: u32) -> Result<(), exec::Error> {
     let have: i64 = c
-        .query_one("SELECT count(*) FROM leads", &[])
+        .row("SELECT count(*) FROM leads", &[])
         .await
         .map_err(db::Error::from)?
         .get(0);
@@ -242,7 +242,7 @@ async fn load_fixtures(c: &tokio_postgres::Client, leads: u32) -> Result<(), exe
         "step 2/3: loading fixtures ({leads} leads, deterministic), in one transaction"
     ));
     let t = Instant::now();
-    c.execute(
+    c.exec(
         "SELECT set_config('clarivum.fixture_leads', $1, false)",
         &[&leads.to_string()],
     )
@@ -309,9 +309,9 @@ async fn summary(
     ran: bool,
     database: &str,
 ) -> Result<(), exec::Error> {
-    let hashed: i64 = c.query_one("SELECT count(*) FROM leads WHERE email_hash = encode(sha256(lower(email)::bytea), 'hex')", &[]).await.map_err(db::Error::from)?.get(0);
+    let hashed: i64 = c.row("SELECT count(*) FROM leads WHERE email_hash = encode(sha256(lower(email)::bytea), 'hex')", &[]).await.map_err(db::Error::from)?.get(0);
     let total: i64 = c
-        .query_one("SELECT count(*) FROM leads", &[])
+        .row("SELECT count(*) FROM leads", &[])
         .await
         .map_err(db::Error::from)?
         .get(0);
@@ -320,7 +320,7 @@ async fn summary(
     let rows = backfill.map(|s| s.rows_done).unwrap_or(0);
     let secs = backfill.and_then(|s| s.duration_secs).unwrap_or(0.0);
     let retries: i64 = c
-        .query_one(
+        .row(
             &cx.control.sql(
                 "SELECT count(*) FROM __SCHEMA__.events WHERE plan_id = $1 AND event = 'retry'",
             ),

@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 use super::StatusFormat;
 use super::hint;
 use crate::control::{PlanRow, Status, StepRow, TriggerFailure};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::exec::{self, Context};
 use crate::exit::Exit;
 
@@ -124,7 +124,7 @@ async fn gate_message(
     step: &str,
 ) -> Result<String, exec::Error> {
     let row = c
-        .query_opt(
+        .row_opt(
             &cx.control.sql(
                 "SELECT detail->>'message' FROM __SCHEMA__.events
                  WHERE plan_id = $1 AND step = $2 AND event = 'gate_waiting' ORDER BY id DESC LIMIT 1",
@@ -299,7 +299,7 @@ async fn extra(cx: &Context, c: &Client, p: &PlanRow, steps: &[StepRow]) -> Extr
         let since = row.finished_at.clone().unwrap_or_default();
         let due = match retain_secs {
             Some(secs) => c
-                .query_one(
+                .row(
                     "SELECT now() - $1::text::timestamptz >= make_interval(secs => $2)",
                     &[&since, &secs],
                 )

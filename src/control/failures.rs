@@ -8,7 +8,7 @@ use serde_json::Value as Json;
 use tokio_postgres::GenericClient;
 
 use super::Control;
-use crate::db::Error;
+use crate::db::{Error, OneTrip};
 use crate::ident::{Ident, QualifiedName, quote_literal};
 
 /// One row of `trigger_failures`.
@@ -114,7 +114,7 @@ impl Control {
     /// True when the control schema has the tables of version 2 (an older one
     /// is read as it is by the commands that only read).
     pub async fn records_trigger_failures(&self, c: &impl GenericClient) -> Result<bool, Error> {
-        Ok(c.query_one(
+        Ok(c.row(
             "SELECT to_regclass($1) IS NOT NULL",
             &[&format!("{}.trigger_failures", self.quoted())],
         )
@@ -133,7 +133,7 @@ impl Control {
             return Ok(Vec::new());
         }
         let rows = c
-            .query(
+            .rows(
                 &self.sql(
                     "SELECT id, plan_id, step, table_oid, table_name, key, sqlstate, error, hits,
                             first_at::text, last_at::text, resolved_at::text, resolution
@@ -170,7 +170,7 @@ impl Control {
         id: i64,
         resolution: &str,
     ) -> Result<(), Error> {
-        c.execute(
+        c.exec(
             &self.sql("UPDATE __SCHEMA__.trigger_failures SET resolved_at = now(), resolution = $2 WHERE id = $1 AND resolved_at IS NULL"),
             &[&id, &resolution],
         )
@@ -188,7 +188,7 @@ impl Control {
         if !self.records_trigger_failures(c).await? {
             return Ok(());
         }
-        c.execute(
+        c.exec(
             &self.sql("UPDATE __SCHEMA__.trigger_failures SET resolved_at = now(), resolution = $2 WHERE plan_id = $1 AND resolved_at IS NULL"),
             &[&plan, &resolution],
         )
@@ -204,7 +204,7 @@ impl Control {
         sqlstate: &str,
         error: &str,
     ) -> Result<(), Error> {
-        c.execute(
+        c.exec(
             &self.sql(
                 "UPDATE __SCHEMA__.trigger_failures SET sqlstate = $2, error = $3 WHERE id = $1",
             ),

@@ -12,7 +12,7 @@
 use tokio_postgres::Client;
 
 use super::{Control, SCHEMA_VERSION};
-use crate::db::Error;
+use crate::db::{Error, OneTrip};
 
 /// The scripts after version 1 (`schema.sql`), each with the version it brings.
 pub const MIGRATIONS: &[(i32, &str)] = &[
@@ -53,9 +53,9 @@ impl Control {
     /// Another runner may be upgrading at the same moment: the version is read
     /// again under the lock, so each script runs exactly once.
     async fn upgrade_in_transaction(&self, client: &Client) -> Result<(), Error> {
-        client.execute(LOCK_SQL, &[&self.schema]).await?;
+        client.exec(LOCK_SQL, &[&self.schema]).await?;
         client
-            .execute(
+            .exec(
                 "SELECT set_config('lock_timeout', $1, true)",
                 &[&UPGRADE_LOCK_TIMEOUT],
             )
@@ -67,7 +67,7 @@ impl Control {
                 .await
                 .map_err(|e| self.upgrade_refused(e.into(), *version))?;
             client
-                .execute(
+                .exec(
                     &self.sql("UPDATE __SCHEMA__.meta SET value = $1 WHERE key = 'schema_version'"),
                     &[&version.to_string()],
                 )
@@ -79,7 +79,7 @@ impl Control {
     /// The control schema's version: any this pgshift can read (1 up to [`SCHEMA_VERSION`]).
     pub(super) async fn check_version(&self, client: &Client) -> Result<i32, Error> {
         let v: Option<String> = client
-            .query_opt(
+            .row_opt(
                 &self.sql("SELECT value FROM __SCHEMA__.meta WHERE key = 'schema_version'"),
                 &[],
             )

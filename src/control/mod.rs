@@ -12,7 +12,7 @@ pub mod types;
 use serde_json::Value as Json;
 use tokio_postgres::{Client, GenericClient, Row};
 
-use crate::db::Error;
+use crate::db::{Error, OneTrip};
 use crate::ident::quote_ident;
 pub use failures::{TriggerFailure, key_text};
 pub use types::{Checkpoint, Event, LiveProgress, Overrides, Status, StepSnapshot};
@@ -115,7 +115,7 @@ impl Control {
     /// for the read-only commands, which must not create it.
     pub async fn exists(&self, client: &Client) -> Result<bool, Error> {
         let exists: bool = client
-            .query_one(
+            .row(
                 "SELECT to_regclass($1) IS NOT NULL",
                 &[&format!("{}.events", self.quoted)],
             )
@@ -130,7 +130,7 @@ impl Control {
 
     /// True when the control schema's tables exist (no version check).
     pub async fn exists_on(&self, c: &impl GenericClient) -> Result<bool, Error> {
-        Ok(c.query_one(
+        Ok(c.row(
             "SELECT to_regclass($1) IS NOT NULL",
             &[&format!("{}.events", self.quoted)],
         )
@@ -141,7 +141,7 @@ impl Control {
     pub async fn ensure(&self, client: &mut Client) -> Result<(), Error> {
         // Fast path: already there and current.
         let exists: bool = client
-            .query_one(
+            .row(
                 "SELECT to_regclass($1) IS NOT NULL",
                 &[&format!("{}.events", self.quoted)],
             )
@@ -152,7 +152,7 @@ impl Control {
             return self.bring_up_to_date(client).await;
         }
         let tx = client.transaction().await?;
-        tx.execute(migrations::LOCK_SQL, &[&self.schema]).await?;
+        tx.exec(migrations::LOCK_SQL, &[&self.schema]).await?;
         // Another runner may have created it while we waited for the lock. Running
         // the script again would not be a no-op: `CREATE INDEX IF NOT EXISTS`
         // takes a SHARE lock on its table before it finds the index there, and so
@@ -161,7 +161,7 @@ impl Control {
         // other runner committed, and its name lookups may still use a cache that
         // says the schema is not there; a query's snapshot is fresh.)
         let created: bool = tx
-            .query_one(
+            .row(
                 "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                                 WHERE n.nspname = $1 AND c.relname = 'events')",
                 &[&self.schema],
@@ -215,7 +215,7 @@ impl Control {
         event: &Event,
     ) -> Result<(), Error> {
         let (name, detail) = event.to_row();
-        c.execute(
+        c.exec(
             &self.sql("INSERT INTO __SCHEMA__.events (plan_id, step, event, detail) VALUES ($1, $2, $3, $4)"),
             &[&plan, &step, &name, &detail],
         )
@@ -236,7 +236,7 @@ impl Control {
         let tx = client.transaction().await?;
         let existing = self.plan_row(&tx, &plan.id).await?;
         if existing.is_none() {
-            tx.execute(
+            tx.exec(
                 &self.sql("INSERT INTO __SCHEMA__.plans (id, checksum, file, description, applied_by, application_name) VALUES ($1, $2, $3, $4, $5, 'pgshift')"),
                 &[&plan.id, &plan.checksum, &plan.file, &plan.description, &applied_by],
             )
@@ -261,7 +261,7 @@ impl Control {
         plan: &PlanRecord,
         applied_by: &str,
     ) -> Result<(), Error> {
-        c.execute(
+        c.exec(
             &self.sql("INSERT INTO __SCHEMA__.plans (id, checksum, file, description, applied_by, application_name) VALUES ($1, $2, $3, $4, $5, 'pgshift') ON CONFLICT (id) DO NOTHING"),
             &[&plan.id, &plan.checksum, &plan.file, &plan.description, &applied_by],
         )
@@ -282,7 +282,7 @@ impl Control {
         plan: &PlanRecord,
     ) -> Result<(), Error> {
         // Positions move in two passes to keep UNIQUE (plan_id, position) satisfied.
-        tx.execute(
+        tx.exec(
             &self.sql(
                 "UPDATE __SCHEMA__.steps SET position = -position - 1000000 WHERE plan_id = $1",
             ),
@@ -290,7 +290,7 @@ impl Control {
         )
         .await?;
         for s in &plan.steps {
-            tx.execute(
+            tx.exec(
                 &self.sql(
                     "INSERT INTO __SCHEMA__.steps (plan_id, position, phase, name, kind) VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (plan_id, name) DO UPDATE SET position = EXCLUDED.position, phase = EXCLUDED.phase, kind = EXCLUDED.kind",
@@ -308,7 +308,7 @@ impl Control {
         id: &str,
     ) -> Result<Option<PlanRow>, Error> {
         let row = c
-            .query_opt(
+            .row_opt(
                 &self.sql("SELECT id, checksum, file, status, applied_by, runner, started_at::text, updated_at::text FROM __SCHEMA__.plans WHERE id = $1"),
                 &[&id],
             )
@@ -318,14 +318,14 @@ impl Control {
 
     pub async fn plans(&self, c: &impl GenericClient) -> Result<Vec<PlanRow>, Error> {
         let rows = c
-            .query(&self.sql("SELECT id, checksum, file, status, applied_by, runner, started_at::text, updated_at::text FROM __SCHEMA__.plans ORDER BY started_at, id"), &[])
+            .rows(&self.sql("SELECT id, checksum, file, status, applied_by, runner, started_at::text, updated_at::text FROM __SCHEMA__.plans ORDER BY started_at, id"), &[])
             .await?;
         Ok(rows.iter().map(plan_row).collect())
     }
 
     pub async fn steps(&self, c: &impl GenericClient, plan: &str) -> Result<Vec<StepRow>, Error> {
         let rows = c
-            .query(
+            .rows(
                 &self.sql(
                     // A backfill's rows done are derived from its ranges (each batch commits
                     // its own range's count); the step row's copy lags by up to a second.
@@ -372,7 +372,7 @@ impl Control {
         status: Status,
     ) -> Result<(), Error> {
         let ended = matches!(status, Status::Succeeded | Status::RolledBack);
-        c.execute(
+        c.exec(
             &self.sql(
                 "UPDATE __SCHEMA__.plans SET status = $2, updated_at = now(),
                    finished_at = CASE WHEN $3 THEN now() ELSE NULL END WHERE id = $1",
@@ -389,7 +389,7 @@ impl Control {
         plan: &str,
         checksum: &str,
     ) -> Result<(), Error> {
-        c.execute(
+        c.exec(
             &self
                 .sql("UPDATE __SCHEMA__.plans SET checksum = $2, updated_at = now() WHERE id = $1"),
             &[&plan, &checksum],
@@ -405,7 +405,7 @@ impl Control {
         plan: &str,
         step: &str,
     ) -> Result<(), Error> {
-        c.execute(
+        c.exec(
             &self.sql(
                 "UPDATE __SCHEMA__.steps SET status = $3, attempts = attempts + 1,
                    started_at = coalesce(CASE WHEN status IN ($4, $5) THEN NULL ELSE started_at END, now()),
@@ -437,7 +437,7 @@ impl Control {
             None => (None, None),
         };
         let clears = status == Status::Succeeded;
-        c.execute(
+        c.exec(
             &self.sql(
                 "UPDATE __SCHEMA__.steps SET status = $3,
                    finished_at = CASE WHEN $6 THEN now() ELSE finished_at END,
@@ -458,19 +458,19 @@ impl Control {
         plan: &str,
         step: &str,
     ) -> Result<(), Error> {
-        c.execute(
+        c.exec(
             &self.sql("DELETE FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2"),
             &[&plan, &step],
         )
         .await?;
-        c.execute(&self.sql("UPDATE __SCHEMA__.steps SET checkpoint = NULL, rows_done = 0, rows_total = NULL WHERE plan_id = $1 AND name = $2"), &[&plan, &step]).await?;
+        c.exec(&self.sql("UPDATE __SCHEMA__.steps SET checkpoint = NULL, rows_done = 0, rows_total = NULL WHERE plan_id = $1 AND name = $2"), &[&plan, &step]).await?;
         Ok(())
     }
 
     /// Tries to take the plan's advisory lock on `conn`, a connection held for the whole run.
     pub async fn try_lock(&self, conn: &Client, plan: &str) -> Result<bool, Error> {
         Ok(conn
-            .query_one(
+            .row(
                 "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
                 &[&self.lock_name(plan)],
             )
@@ -479,7 +479,7 @@ impl Control {
     }
 
     pub async fn unlock(&self, conn: &Client, plan: &str) -> Result<(), Error> {
-        conn.execute(
+        conn.exec(
             "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
             &[&self.lock_name(plan)],
         )
@@ -498,7 +498,7 @@ impl Control {
         plan: &str,
     ) -> Result<Option<String>, Error> {
         let row = c
-            .query_opt(
+            .row_opt(
                 "SELECT a.pid, coalesce(a.usename, '?'), coalesce(host(a.client_addr), 'local socket'), coalesce(a.application_name, ''),
                         to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ')
                  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -530,7 +530,7 @@ impl Control {
         plan: &str,
     ) -> Result<Option<String>, Error> {
         let row = c
-            .query_opt(
+            .row_opt(
                 &self.sql(
                     "SELECT p.runner FROM __SCHEMA__.plans p
                      WHERE p.id = $1 AND p.runner IS NOT NULL
@@ -554,7 +554,7 @@ impl Control {
         plan: &str,
         runner: Option<&str>,
     ) -> Result<(), Error> {
-        c.execute(
+        c.exec(
             &self.sql("UPDATE __SCHEMA__.plans SET runner = $2, runner_since = CASE WHEN $2::text IS NULL THEN NULL ELSE now() END WHERE id = $1"),
             &[&plan, &runner],
         )
@@ -570,7 +570,7 @@ impl Control {
         step: &str,
     ) -> Result<Overrides, Error> {
         let row = c
-            .query_opt(
+            .row_opt(
                 &self
                     .sql("SELECT overrides FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2"),
                 &[&plan, &step],
@@ -590,7 +590,7 @@ impl Control {
         patch: &Overrides,
     ) -> Result<u64, Error> {
         Ok(c
-            .execute(
+            .exec(
                 &self.sql("UPDATE __SCHEMA__.steps SET overrides = overrides || $3 WHERE plan_id = $1 AND kind = 'backfill' AND ($2::text IS NULL OR name = $2)"),
                 &[&plan, &step, &patch.to_json()],
             )
@@ -605,7 +605,7 @@ impl Control {
         event: &str,
     ) -> Result<Option<(String, Json)>, Error> {
         let row = c
-            .query_opt(
+            .row_opt(
                 &self.sql("SELECT at::text, detail FROM __SCHEMA__.events WHERE plan_id = $1 AND event = $2 ORDER BY id DESC LIMIT 1"),
                 &[&plan, &event],
             )
@@ -623,7 +623,7 @@ impl Control {
         edit: impl Fn(&Overrides) -> Overrides,
     ) -> Result<Vec<(String, Overrides)>, Error> {
         let rows = c
-            .query(
+            .rows(
                 &self.sql("SELECT name, overrides FROM __SCHEMA__.steps WHERE plan_id = $1 AND kind = 'backfill' AND ($2::text IS NULL OR name = $2) ORDER BY position FOR UPDATE"),
                 &[&plan, &step],
             )
@@ -634,7 +634,7 @@ impl Control {
             let old = Overrides::from_json(&r.get::<_, Json>(1));
             let new = edit(&old);
             if new != old {
-                c.execute(
+                c.exec(
                     &self.sql("UPDATE __SCHEMA__.steps SET overrides = $3 WHERE plan_id = $1 AND name = $2"),
                     &[&plan, &name, &new.to_json()],
                 )
@@ -648,7 +648,7 @@ impl Control {
     /// Takes the next run epoch of a registered plan (see `migrate_2.sql`).
     pub async fn take_epoch(&self, c: &impl GenericClient, plan: &str) -> Result<i64, Error> {
         Ok(c
-            .query_one(
+            .row(
                 &self.sql("UPDATE __SCHEMA__.plans SET run_epoch = run_epoch + 1 WHERE id = $1 RETURNING run_epoch"),
                 &[&plan],
             )
@@ -659,7 +659,7 @@ impl Control {
     /// Events of a plan, oldest first.
     pub async fn events(&self, c: &impl GenericClient, plan: &str) -> Result<Vec<EventRow>, Error> {
         let rows = c
-            .query(&self.sql("SELECT at::text, step, event, detail FROM __SCHEMA__.events WHERE plan_id = $1 ORDER BY id"), &[&plan])
+            .rows(&self.sql("SELECT at::text, step, event, detail FROM __SCHEMA__.events WHERE plan_id = $1 ORDER BY id"), &[&plan])
             .await?;
         Ok(rows
             .iter()

@@ -8,7 +8,7 @@ use tokio_postgres::{Client, GenericClient};
 
 use super::{Context, Error, Outcome, StepCx};
 use crate::control::{Event, Status};
-use crate::db;
+use crate::db::{self, OneTrip};
 
 /// Why one attempt ended without success.
 pub enum Attempt {
@@ -132,7 +132,7 @@ pub async fn watch_blockers(
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
         let rows = c
-            .query(
+            .rows(
                 "SELECT a.pid, coalesce(a.backend_type, ''), left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 120),
                         coalesce((SELECT string_agg(DISTINCT l.relation::regclass::text, ', ') FROM pg_locks l WHERE l.pid = $1 AND NOT l.granted AND l.relation IS NOT NULL), ''),
                         coalesce(a.state, ''), extract(epoch FROM now() - coalesce(a.state_change, a.backend_start))::float8
@@ -196,7 +196,7 @@ async fn start_watcher(
     Attempt,
 > {
     let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
+        .row("SELECT pg_backend_pid()", &[])
         .await
         .map_err(|e| Attempt::Fatal(e.into()))?
         .get(0);
@@ -213,7 +213,7 @@ async fn start_watcher(
 async fn lower_deadlock_timeout(tx: &impl GenericClient, lock_timeout: Duration) {
     let target = (lock_timeout / 2).max(Duration::from_millis(10));
     let allowed = tx
-        .query_one(
+        .row(
             "SELECT current_setting('is_superuser') = 'on' OR (current_setting('server_version_num')::int >= 150000 AND has_parameter_privilege('deadlock_timeout', 'SET'))",
             &[],
         )
@@ -222,7 +222,7 @@ async fn lower_deadlock_timeout(tx: &impl GenericClient, lock_timeout: Duration)
         .unwrap_or(false);
     if allowed {
         let _ = tx
-            .execute(
+            .exec(
                 "SELECT set_config('deadlock_timeout', $1, true)",
                 &[&format!("{}ms", target.as_millis())],
             )
@@ -336,7 +336,7 @@ async fn drop_invalid_index(sx: &StepCx, client: &Client, name: &str) -> Result<
         None => (None, unquote(name)),
     };
     let rows = client
-        .query(
+        .rows(
             "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE NOT i.indisvalid AND c.relname = $1 AND ($2::text IS NULL AND n.oid = ANY (current_schemas(false)::regnamespace[]) OR n.nspname = $2)",
             &[&rel, &schema],

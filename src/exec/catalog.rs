@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use tokio_postgres::GenericClient;
 
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::ident::QualifiedName;
 use crate::ops::catalog::{Catalog, Column, Constraint, Dependent, Index, Table};
 use crate::ops::{Change, Op};
@@ -14,7 +14,7 @@ use crate::ops::{Change, Op};
 /// The facts of the tables `changes` name (those that exist).
 pub async fn read(c: &impl GenericClient, changes: &[Change]) -> Result<Catalog, db::Error> {
     let version: i32 = c
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .row("SELECT current_setting('server_version_num')::int", &[])
         .await?
         .get(0);
     let mut cat = Catalog {
@@ -34,7 +34,7 @@ pub async fn read(c: &impl GenericClient, changes: &[Change]) -> Result<Catalog,
     for ch in changes {
         if let Op::DropIndex(s) = &ch.op {
             let row = c
-                .query_opt(
+                .row_opt(
                     "SELECT i.indrelid::regclass::text FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
                     &[&s.name.quoted()],
                 )
@@ -81,7 +81,7 @@ fn quote_parts(t: &str) -> String {
 
 async fn table(c: &impl GenericClient, name: &QualifiedName) -> Result<Option<Table>, db::Error> {
     let row = c
-        .query_opt(
+        .row_opt(
             "SELECT c.oid, n.nspname::text, c.relname::text, c.relrowsecurity
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
@@ -102,11 +102,11 @@ async fn table(c: &impl GenericClient, name: &QualifiedName) -> Result<Option<Ta
     t.constraints = constraints(c, "c.conrelid = $1", oid).await?;
     t.referenced_by = constraints(c, "c.confrelid = $1 AND c.contype = 'f'", oid).await?;
     t.has_rows = c
-        .query_one(&format!("SELECT EXISTS (SELECT FROM {q})"), &[])
+        .row(&format!("SELECT EXISTS (SELECT FROM {q})"), &[])
         .await?
         .get(0);
     t.grants = c
-        .query(
+        .rows(
             "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END, a.privilege_type
              FROM pg_class c, aclexplode(c.relacl) a
              WHERE c.oid = $1 AND a.grantee <> c.relowner ORDER BY 1, 2",
@@ -122,7 +122,7 @@ async fn table(c: &impl GenericClient, name: &QualifiedName) -> Result<Option<Ta
 
 async fn columns(c: &impl GenericClient, oid: u32, quoted: &str) -> Result<Vec<Column>, db::Error> {
     let rows = c
-        .query(
+        .rows(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull,
                     pg_get_expr(d.adbin, d.adrelid),
                     nullif(a.attidentity::text, ''), a.attgenerated <> '',
@@ -152,7 +152,7 @@ async fn columns(c: &impl GenericClient, oid: u32, quoted: &str) -> Result<Vec<C
 
 async fn indexes(c: &impl GenericClient, oid: u32) -> Result<Vec<Index>, db::Error> {
     let rows = c
-        .query(
+        .rows(
             "SELECT ic.relname::text, pg_get_indexdef(i.indexrelid), am.amname::text,
                     i.indisunique, i.indisprimary, pg_get_expr(i.indpred, i.indrelid), i.indisvalid,
                     (SELECT con.conname::text FROM pg_constraint con WHERE con.conindid = i.indexrelid AND con.conrelid = i.indrelid LIMIT 1),
@@ -200,7 +200,7 @@ async fn constraints(
          FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
          WHERE {filter} ORDER BY c.conname"
     );
-    let rows = c.query(&sql, &[&oid]).await?;
+    let rows = c.rows(&sql, &[&oid]).await?;
     Ok(rows
         .iter()
         .map(|r| Constraint {
@@ -223,7 +223,7 @@ async fn dependents(
     oid: u32,
 ) -> Result<BTreeMap<String, Vec<Dependent>>, db::Error> {
     let rows = c
-        .query(
+        .rows(
             "SELECT a.attname::text, x.kind, x.name
              FROM pg_depend d
              JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid

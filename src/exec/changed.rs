@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use tokio_postgres::GenericClient;
 
 use crate::control::{Event, Status, StepRow, StepSnapshot};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::duration;
 use crate::engine::{Context, Error, whoami};
 use crate::kind::{Rollback, Undo, sql};
@@ -222,7 +222,7 @@ async fn recorded(
     plan: &str,
 ) -> Result<Option<Vec<StepSnapshot>>, db::Error> {
     let row = c
-        .query_opt(
+        .row_opt(
             &cx.control.sql(
                 "SELECT detail FROM __SCHEMA__.events WHERE plan_id = $1 AND event = 'plan_snapshot' ORDER BY id DESC LIMIT 1",
             ),

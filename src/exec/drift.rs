@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use tokio_postgres::GenericClient;
 
 use crate::control::{Event, Status, StepRow};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::engine::{Context, Error};
 use crate::ident::{Ident, QualifiedName};
 use crate::kind::backfill::BackfillSet;
@@ -172,7 +172,7 @@ async fn missing_trigger(
         }));
     }
     let row = c
-        .query_opt(
+        .row_opt(
             "SELECT t.tgenabled::text FROM pg_catalog.pg_trigger t WHERE t.tgrelid = to_regclass($1) AND t.tgname = $2",
             &[&table.quoted(), &name.as_str()],
         )
@@ -230,7 +230,7 @@ async fn missing_object(
 
 async fn table_exists(c: &impl GenericClient, table: &QualifiedName) -> Result<bool, Error> {
     Ok(
-        c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
+        c.row("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
             .await
             .map_err(db::Error::from)?
             .get(0),
@@ -243,7 +243,7 @@ async fn column_exists(
     column: &Ident,
 ) -> Result<bool, Error> {
     Ok(c
-        .query_one(
+        .row(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped)",
             &[&table.quoted(), &column.as_str()],
         )

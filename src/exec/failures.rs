@@ -6,7 +6,7 @@
 //! to do.
 
 use crate::control::{Event, TriggerFailure};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::engine::{Context, Error, Unfixed};
 use crate::ident::Ident;
 use crate::kind::StepKind;
@@ -150,7 +150,7 @@ async fn recheck(
     tx.batch_execute("SET TRANSACTION READ ONLY")
         .await
         .map_err(db::Error::from)?;
-    let result = tx.query_opt(query.as_str(), &[&f.key]).await;
+    let result = tx.row_opt(query.as_str(), &[&f.key]).await;
     let _ = tx.rollback().await;
     match result {
         Ok(None) => Ok(Recheck::Fixed("the row is gone".into())),

@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::Event;
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::engine::{Context, Error, Fence};
 
 /// The held lock of one plan on its dedicated connection; released explicitly on every path.
@@ -66,12 +66,12 @@ pub async fn lock(cx: &Context, plan_id: &str) -> Result<Held, Error> {
 /// Two statements on one connection served by two backends: a transaction-mode pooler.
 async fn check_session_pooler(conn: &Client) -> Result<(), Error> {
     let a: i32 = conn
-        .query_one("SELECT pg_backend_pid()", &[])
+        .row("SELECT pg_backend_pid()", &[])
         .await
         .map_err(db::Error::from)?
         .get(0);
     let b: i32 = conn
-        .query_one("SELECT pg_backend_pid()", &[])
+        .row("SELECT pg_backend_pid()", &[])
         .await
         .map_err(db::Error::from)?
         .get(0);

@@ -11,7 +11,7 @@
 use tokio_postgres::GenericClient;
 
 use crate::control::{Event, Status};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::engine::{Context, Error};
 use crate::ident::{Ident, QualifiedName, quote_ident};
 use crate::ops::catalog::{Catalog, Table};
@@ -376,7 +376,7 @@ async fn check_more(
         Op::RenameTable(s) => {
             if let Some(t) = table(cat, &s.table, out) {
                 let taken: bool = c
-                    .query_one(
+                    .row(
                         "SELECT to_regclass($1) IS NOT NULL",
                         &[&format!("{}.{}", quote_ident(&t.schema), s.to.quoted())],
                     )
@@ -396,7 +396,7 @@ async fn check_more(
                 out.push(format!("table {} already exists", s.table));
             }
             let exists: bool = c
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&s.table.quoted()])
+                .row("SELECT to_regclass($1) IS NOT NULL", &[&s.table.quoted()])
                 .await?
                 .get(0);
             if exists && find(cat, &s.table).is_none() {
@@ -421,7 +421,7 @@ async fn violations(
         "SELECT count(*) OVER (), ({key})::text FROM {} WHERE {cond} LIMIT 5",
         t.quoted()
     );
-    match c.query(&sql, &[]).await {
+    match c.rows(&sql, &[]).await {
         Ok(rows) if !rows.is_empty() => {
             let n: i64 = rows[0].get(0);
             let keys: Vec<String> = rows.iter().map(|r| r.get::<_, String>(1)).collect();
@@ -468,7 +468,7 @@ async fn duplicates(
             .collect::<Vec<_>>()
             .join(" AND ")
     );
-    let rows = c.query(&sql, &[]).await?;
+    let rows = c.rows(&sql, &[]).await?;
     if !rows.is_empty() {
         let n: i64 = rows[0].get(0);
         let vals: Vec<String> = rows.iter().map(|r| r.get::<_, String>(1)).collect();
@@ -515,7 +515,7 @@ async fn orphans(
         "SELECT count(*) OVER (), ({key})::text FROM {} t WHERE {cond} LIMIT 5",
         t.quoted()
     );
-    let rows = c.query(&sql, &[]).await?;
+    let rows = c.rows(&sql, &[]).await?;
     if !rows.is_empty() {
         let n: i64 = rows[0].get(0);
         let keys: Vec<String> = rows.iter().map(|r| r.get::<_, String>(1)).collect();
@@ -554,7 +554,7 @@ async fn conversion(
         ("down", &down, s.type_sql.as_str()),
     ] {
         let probe = format!("SELECT ({expr}) FROM (SELECT NULL::{from} AS {quoted}) AS probe");
-        if let Err(e) = c.query(&probe, &[]).await {
+        if let Err(e) = c.rows(&probe, &[]).await {
             out.push(format!(
                 "`{what}` ({expr}) does not work from {from}: {}; give `{what}:` explicitly",
                 db::Error::from(e)
@@ -568,7 +568,7 @@ async fn conversion(
         "SELECT count(v) FROM (SELECT ({up}) AS v FROM {}) AS converted",
         t.quoted()
     );
-    if let Err(e) = c.query(&scan, &[]).await {
+    if let Err(e) = c.rows(&scan, &[]).await {
         out.push(format!(
             "converting the existing rows with `up` ({up}) fails: {}; fix those rows or give an `up` that handles them",
             db::Error::from(e)

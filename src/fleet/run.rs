@@ -17,7 +17,7 @@ use tracing::Instrument;
 use super::targets::{Mode, Resolved, Targets};
 use super::{End, Events, Target, tenant_control_schema};
 use crate::control::{Control, PlanRow, Status, StepRow};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::exec::{self, runner};
 use crate::exit::{Exit, ExitStatus};
 use crate::plan::{Plan, StepKind};
@@ -160,7 +160,7 @@ async fn discover(
     ))
     .await
     .map_err(fail)?;
-    let rows = tx.query(query, &[]).await.map_err(fail)?;
+    let rows = tx.rows(query, &[]).await.map_err(fail)?;
     let _ = tx.rollback().await;
     let mut names = Vec::new();
     let mut seen = HashSet::new();
@@ -207,7 +207,7 @@ async fn skip_control_schemas(
         .await
         .map_err(|e| Error::DiscoverUnreachable(format!("discover: {e}; nothing was started")))?;
     let control: HashSet<String> = c
-        .query(
+        .rows(
             "SELECT n.nspname FROM pg_catalog.pg_namespace n
              WHERE (SELECT count(*) FROM pg_catalog.pg_class c
                     WHERE c.relnamespace = n.oid AND c.relname IN ('meta', 'plans', 'steps', 'events')) = 4",
@@ -718,7 +718,7 @@ pub async fn read(t: &Target, plan_id: &str) -> Result<State, End> {
     };
     if let Some(schema) = &t.schema {
         let current: Option<String> = c
-            .query_one("SELECT current_schema()::text", &[])
+            .row("SELECT current_schema()::text", &[])
             .await
             .map_err(|e| failed(e.into()))?
             .get(0);

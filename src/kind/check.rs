@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::engine::{Error, Outcome, StepCx};
 use crate::plan::defaults;
 use crate::plan::raw::{Node, Value};
@@ -148,8 +148,8 @@ async fn evaluate(
     let raw: &mut tokio_postgres::Client = &mut c;
     let tx = raw.transaction().await?;
     db::set_local_timeouts(&tx, sx.lock_timeout, sx.statement_timeout).await?;
-    tx.execute("SET TRANSACTION READ ONLY", &[]).await?;
-    let rows = tx.query(check.query.as_str(), &[]).await?;
+    tx.exec("SET TRANSACTION READ ONLY", &[]).await?;
+    let rows = tx.rows(check.query.as_str(), &[]).await?;
     tx.commit().await?;
     Ok(check_value(&rows))
 }

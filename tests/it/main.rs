@@ -15,6 +15,7 @@ mod hostile;
 mod lifecycle;
 mod live;
 mod locks;
+mod one_trip;
 mod ops;
 mod plan;
 mod proof;

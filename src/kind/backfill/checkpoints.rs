@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::db;
+use crate::db::{self, OneTrip};
 
 /// Requested checkpoints since the step started before anything is said.
 const AT_LEAST: i64 = 3;
@@ -80,7 +80,7 @@ impl Watch {
             Some(s) => s.clone(),
             None => {
                 let r = c
-                    .query_one(
+                    .row(
                         "SELECT current_setting('server_version_num')::int, current_setting('max_wal_size')",
                         &[],
                     )
@@ -96,7 +96,7 @@ impl Watch {
         } else {
             "SELECT checkpoints_req FROM pg_stat_bgwriter"
         };
-        let now: i64 = c.query_one(sql, &[]).await?.get(0);
+        let now: i64 = c.row(sql, &[]).await?.get(0);
         let Some((since, first)) = self.start else {
             self.start = Some((Instant::now(), now));
             return Ok(None);

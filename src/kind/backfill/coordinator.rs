@@ -25,7 +25,7 @@ use super::signals::{self, SlotWatch};
 use super::throttle::Limits;
 use super::worker::{Figures, Shared};
 use crate::control::{Event, LiveProgress, Overrides};
-use crate::db;
+use crate::db::{self, OneTrip};
 
 /// How often the signals are sampled; a sample older than two intervals holds.
 pub const INTERVAL: Duration = Duration::from_millis(500);
@@ -350,7 +350,7 @@ async fn totals(
     let live: Option<Json> = match write {
         Write::Read => {
             let row = c
-                .query_one(
+                .row(
                     &ctl.sql(
                         "SELECT overrides FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2",
                     ),
@@ -363,7 +363,7 @@ async fn totals(
         Write::Final => None,
     };
     let row = c
-        .query_one(
+        .row(
             &ctl.sql(
                 "UPDATE __SCHEMA__.steps AS s
                  SET rows_done = t.done,

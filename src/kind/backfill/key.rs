@@ -5,7 +5,7 @@ use tokio_postgres::GenericClient;
 
 use super::BackfillSpec;
 use super::batch::Key;
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::engine::{Error, StepCx};
 use crate::ident::{Ident, quote_ident};
 
@@ -39,7 +39,7 @@ impl KeyError {
 pub async fn resolve_key(c: &impl GenericClient, spec: &BackfillSpec) -> Result<Key, KeyError> {
     let table = spec.table.quoted();
     let exists: bool = c
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .row("SELECT to_regclass($1) IS NOT NULL", &[&table])
         .await?
         .get(0);
     if !exists {
@@ -52,7 +52,7 @@ pub async fn resolve_key(c: &impl GenericClient, spec: &BackfillSpec) -> Result<
         Some(k) => k.clone(),
         None => {
             let rows = c
-                .query(
+                .rows(
                     "SELECT a.attname::text
                      FROM pg_index i
                      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
@@ -73,7 +73,7 @@ pub async fn resolve_key(c: &impl GenericClient, spec: &BackfillSpec) -> Result<
     };
     let names: Vec<String> = key.iter().map(|k| k.0.clone()).collect();
     let missing: Vec<String> = c
-        .query(
+        .rows(
             "SELECT n FROM unnest($2::text[]) AS n
              WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass($1)
                                AND a.attname = n AND a.attnum > 0 AND NOT a.attisdropped)",
@@ -91,7 +91,7 @@ pub async fn resolve_key(c: &impl GenericClient, spec: &BackfillSpec) -> Result<
         )));
     }
     let indexed: bool = c
-        .query_one(
+        .row(
             "SELECT EXISTS (
                SELECT 1 FROM pg_index i
                JOIN pg_class ic ON ic.oid = i.indexrelid
@@ -118,7 +118,7 @@ pub async fn resolve_key(c: &impl GenericClient, spec: &BackfillSpec) -> Result<
         )));
     }
     let unique: bool = c
-        .query_one(
+        .row(
             "SELECT EXISTS (
                SELECT 1 FROM pg_index i
                WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indisvalid AND i.indpred IS NULL

@@ -45,7 +45,7 @@ use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{Checkpoint, Event, Overrides, Status};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::engine::{Error, Fence, Outcome, StepCx};
 use crate::ident::Ident;
 use crate::plan::phase::Phase;
@@ -115,7 +115,7 @@ pub async fn run(sx: &StepCx, spec: &BackfillSpec) -> Result<Outcome, Error> {
     };
     let (rows_total, overrides): (Option<i64>, Json) = {
         let r = conn
-            .query_one(
+            .row(
                 &cx.control.sql(
                     "SELECT rows_total, overrides FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2",
                 ),
@@ -210,7 +210,7 @@ async fn run_workers(shared: &Arc<Shared>, ranges: Vec<ranges::Range>) -> Result
 async fn restart_finished_pass(sx: &StepCx, c: &impl GenericClient) -> Result<(), db::Error> {
     let ctl = &sx.cx.control;
     let all_done: Option<bool> = c
-        .query_one(
+        .row(
             &ctl.sql("SELECT bool_and(done) FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2"),
             &[&sx.plan, &sx.step],
         )
@@ -248,7 +248,7 @@ async fn verify(sh: &Shared) -> Result<(), Error> {
     let mut conn = db::get(&sx.cx.pool, &sx.cx.target).await.map_err(fail)?;
     let ctl = &sx.cx.control;
     let cp: Option<Json> = conn
-        .query_one(
+        .row(
             &ctl.sql("SELECT checkpoint FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2"),
             &[&sx.plan, &sx.step],
         )
@@ -310,9 +310,9 @@ async fn verify(sh: &Shared) -> Result<(), Error> {
     .await
     .map_err(|e| fail(e.into()))?;
     let row = if sh.spec.verify.is_some() {
-        tx.query_one(&sql, &[]).await
+        tx.row(&sql, &[]).await
     } else {
-        tx.query_one(&sql, &[&upper]).await
+        tx.row(&sql, &[&upper]).await
     };
     let missed: Option<i64> = row.map_err(|e| fail(e.into()))?.get(0);
     tx.commit().await.map_err(|e| fail(e.into()))?;
@@ -336,7 +336,7 @@ async fn finish(
     verify_started: Option<Instant>,
 ) {
     let totals = c
-        .query_one(
+        .row(
             &sh.sx.cx.control.sql(
                 "SELECT coalesce(sum(rows_done), 0)::int8 FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2",
             ),

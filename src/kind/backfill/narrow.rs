@@ -28,7 +28,7 @@ use tokio_postgres::Client;
 use super::batch::{self, Outcome};
 use super::worker::{Conn, Shared};
 use crate::control::{Checkpoint, Event};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::engine::Error;
 use crate::ident::Ident;
 
@@ -88,7 +88,7 @@ pub async fn narrow(
 ) -> Result<Narrowed, db::Error> {
     let narrowed = halve(sh, conn, failed, size, worker, from_start).await?;
     // The small batches recorded their size; a resume starts again at the size that was in use.
-    conn.client.execute(
+    conn.client.exec(
         &sh.sx.cx.control.sql(
             "UPDATE __SCHEMA__.backfill_ranges SET batch_size = $4 WHERE plan_id = $1 AND step = $2 AND worker = $3",
         ),
@@ -234,7 +234,7 @@ async fn run(
 async fn next_key(sh: &Shared, client: &Client, worker: i32) -> Result<Json, db::Error> {
     let ctl = &sh.sx.cx.control;
     let cp: Option<Json> = client
-        .query_one(
+        .row(
             &ctl.sql("SELECT checkpoint FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2"),
             &[&sh.sx.plan, &sh.name()],
         )
@@ -272,7 +272,7 @@ async fn next_key(sh: &Shared, client: &Client, worker: i32) -> Result<Json, db:
         asc = batch::order(&key, false),
     );
     let row = client
-        .query_opt(&sql, &[&sh.sx.plan, &sh.name(), &worker])
+        .row_opt(&sql, &[&sh.sx.plan, &sh.name(), &worker])
         .await?;
     Ok(row.map(|r| r.get::<_, Json>(0)).unwrap_or(Json::Null))
 }

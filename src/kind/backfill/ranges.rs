@@ -11,7 +11,7 @@ use super::BackfillSpec;
 use super::batch::{self, Key};
 use super::throttle::Settings;
 use crate::control::{Checkpoint, Event};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::engine::StepCx;
 use crate::ident::Ident;
 
@@ -44,13 +44,13 @@ pub async fn fix_ranges(
     let tx = client.transaction().await?;
     // Only pgshift's own batches lock these rows: waiting for one costs the application nothing.
     db::set_local_timeouts(&tx, sx.statement_timeout, sx.statement_timeout).await?;
-    tx.execute(
+    tx.exec(
         &ctl.sql("SELECT 1 FROM __SCHEMA__.steps WHERE plan_id = $1 AND name = $2 FOR UPDATE"),
         &[plan, step],
     )
     .await?;
     let rows = tx
-        .query(
+        .rows(
             &ctl.sql(
                 "SELECT worker, last_key, rows_done, batch_size, done, epoch FROM __SCHEMA__.backfill_ranges
                  WHERE plan_id = $1 AND step = $2 ORDER BY worker FOR UPDATE",
@@ -63,7 +63,7 @@ pub async fn fix_ranges(
         if previous > epoch {
             return Ok(None);
         }
-        tx.execute(
+        tx.exec(
             &ctl.sql(
                 "UPDATE __SCHEMA__.backfill_ranges SET epoch = $3 WHERE plan_id = $1 AND step = $2",
             ),
@@ -152,7 +152,7 @@ async fn insert_ranges(
             Some(boundaries[i].clone())
         };
         let done = hi.is_none();
-        tx.execute(
+        tx.exec(
             &ctl.sql(
                 "INSERT INTO __SCHEMA__.backfill_ranges (plan_id, step, worker, lower_key, upper_key, last_key, batch_size, done, epoch)
                  VALUES ($1, $2, $3, $4, $5, $4, $6, $7, $8)",
@@ -176,7 +176,7 @@ async fn insert_ranges(
         batch_size: settings.batch_size,
     }
     .to_json();
-    tx.execute(
+    tx.exec(
         &ctl.sql(
             "UPDATE __SCHEMA__.steps SET rows_total = $3, rows_done = 0, checkpoint = $4
              WHERE plan_id = $1 AND name = $2",
@@ -210,7 +210,7 @@ async fn measure(
         .collect::<Vec<_>>()
         .join(" AND ");
     let upper: Option<Json> = tx
-        .query_opt(
+        .row_opt(
             &format!(
                 "SELECT {} FROM {table} WHERE {not_null} ORDER BY {} LIMIT 1",
                 batch::encode(key),
@@ -222,7 +222,7 @@ async fn measure(
         .map(|r| r.get(0));
 
     let size = tx
-        .query_one(
+        .row(
             "SELECT reltuples::float8, relpages::int8,
                     pg_relation_size(oid) / current_setting('block_size')::int8
              FROM pg_class WHERE oid = to_regclass($1)",
@@ -236,7 +236,7 @@ async fn measure(
         Some((reltuples / relpages as f64 * pages.max(relpages) as f64) as i64)
     } else if pages <= 20_000 {
         Some(
-            tx.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            tx.row(&format!("SELECT count(*) FROM {table}"), &[])
                 .await?
                 .get(0),
         )
@@ -290,7 +290,7 @@ async fn split(
             .collect::<Vec<_>>()
             .join(", "),
     );
-    let rows = tx.query(&sql, &[&(workers as i32), upper]).await?;
+    let rows = tx.rows(&sql, &[&(workers as i32), upper]).await?;
     let mut cuts: Vec<Json> = Vec::new();
     // The last tile ends at (or near) the upper bound, which closes the last range.
     for r in rows.iter().take(rows.len().saturating_sub(1)) {

@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 
 use super::throttle::{Limits, SlotLimit};
 use crate::bytes;
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::ident::QualifiedName;
 
 /// One sampling of every signal in force.
@@ -141,7 +141,7 @@ fn fail_closed(
 /// slot dropped by mistake must not silently release the brake.
 async fn slots(c: &Client, limit: &SlotLimit) -> Result<Option<SlotWatch>, ReadError> {
     let rows = c
-        .query(
+        .rows(
             "SELECT slot_name::text, active, coalesce(wal_status, '') = 'lost',
                     (coalesce(confirmed_flush_lsn, restart_lsn) - '0/0'::pg_lsn)::int8,
                     (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8
@@ -195,7 +195,7 @@ async fn slots(c: &Client, limit: &SlotLimit) -> Result<Option<SlotWatch>, ReadE
 /// more work for it. An ordinary autovacuum does not hold the backfill.
 async fn autovacuum(c: &Client, table: &QualifiedName) -> Result<Option<String>, ReadError> {
     let rows = c
-        .query(
+        .rows(
             "SELECT a.pid, a.query, p.relid = to_regclass($1)
              FROM pg_stat_activity AS a
              LEFT JOIN pg_stat_progress_vacuum AS p ON p.pid = a.pid
@@ -225,7 +225,7 @@ async fn autovacuum(c: &Client, table: &QualifiedName) -> Result<Option<String>,
 }
 
 async fn throttle_query(c: &Client, sql: &str) -> Result<Option<String>, ReadError> {
-    let row = c.query_opt(sql, &[]).await?;
+    let row = c.row_opt(sql, &[]).await?;
     let value = row
         .map(|r| r.try_get::<_, Option<bool>>(0))
         .transpose()
@@ -260,7 +260,7 @@ async fn throttle_query(c: &Client, sql: &str) -> Result<Option<String>, ReadErr
 /// figure says, so it does not hold the backfill.
 async fn replica_lag(c: &Client, max: Duration) -> Result<Option<String>, ReadError> {
     let rows = c
-        .query(
+        .rows(
             "SELECT coalesce(application_name, '?') || coalesce(' at ' || host(client_addr), ''),
                     state,
                     extract(epoch FROM replay_lag)::float8,

@@ -22,7 +22,7 @@ use super::narrow;
 use super::ranges::Range;
 use super::throttle::{self, Limits, Settings, Sizer};
 use crate::control::{Event, Overrides};
-use crate::db;
+use crate::db::{self, OneTrip};
 use crate::engine::{BackfillProgress, Error, Fence, StepCx};
 
 /// What the workers and the coordinator of one run share.
@@ -594,7 +594,7 @@ async fn recheck(
     missed: u32,
 ) -> Result<Option<End>, Interrupt> {
     let row = client
-        .query_opt(
+        .row_opt(
             &sh.sx.cx.control.sql(
                 "SELECT last_key, done, epoch FROM __SCHEMA__.backfill_ranges WHERE plan_id = $1 AND step = $2 AND worker = $3",
             ),

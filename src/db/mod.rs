@@ -8,6 +8,9 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, GenericClient};
 
+mod typed;
+pub use typed::{OneTrip, Param, PgType};
+
 /// Why talking to the database failed, classified for the caller.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -552,7 +555,7 @@ pub async fn set_local_timeouts(
     lock_timeout: Duration,
     statement_timeout: Duration,
 ) -> Result<(), Error> {
-    tx.execute(
+    tx.exec(
         "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
         &[
             &format!("{}ms", lock_timeout.as_millis()),
