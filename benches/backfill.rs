@@ -2,6 +2,7 @@
 //!
 //! `cargo bench --bench backfill [-- --rows 1000000,10000000 --reps 3 --batch 1000 --clients 4 --no-rtt]`
 //! `[--jobs update,loop,loop-trigger,loop-async,fixed,adaptive] [--workload-only] [--slow MS]`
+//! `[--set NAME=VALUE]… [--max-wal-rate RATE]`
 //! (or `BENCH_ROWS`, `BENCH_REPS`, `BENCH_BATCH`, `BENCH_CLIENTS`; defaults 1,000,000
 //! rows, 3 repetitions, batches of 1,000, 4 application clients). `DATABASE_URL`
 //! names the server (default the local one); databases named `pgshift_bench_*`
@@ -14,6 +15,12 @@
 //! template (`STRATEGY FILE_COPY`, vacuumed and analyzed, with or without the
 //! trigger), then a CHECKPOINT.
 //! `RESHAPE_BIN` adds Reshape (its `add_column` with `up`, which backfills).
+//! `--set max_wal_size=8GB` (repeatable) measures a server setting, such as
+//! pgshift's own advice when checkpoints crowd: it is set with `ALTER SYSTEM`
+//! and a reload for the run and reset at the end; the header says what was in
+//! force.
+//! `--max-wal-rate 40MB` adds that cap to pgshift adaptive's throttle (the
+//! lever pgshift offers when the application's commits wait on the WAL).
 //!
 //! The job is the README's: `email_hash = encode(sha256(lower(email)::bytea), 'hex')`
 //! on a `leads` table, whose dual-write trigger is the one pgshift generates (lean:
@@ -66,6 +73,10 @@ struct Args {
     /// Print each application operation slower than this many ms, with what the
     /// application's sessions were waiting on around it.
     slow_ms: Option<u32>,
+    /// Server settings for the run (`ALTER SYSTEM`, reset at the end).
+    settings: Vec<(String, String)>,
+    /// A `max_wal_rate` for pgshift adaptive.
+    max_wal_rate: Option<String>,
 }
 
 fn args() -> Args {
@@ -90,6 +101,8 @@ fn args() -> Args {
         jobs: None,
         workload_only: false,
         slow_ms: None,
+        settings: Vec::new(),
+        max_wal_rate: None,
     };
     // `cargo bench` adds `--bench`; anything unknown is ignored.
     let argv: Vec<String> = std::env::args().collect();
@@ -111,6 +124,17 @@ fn args() -> Args {
             }
             "--workload-only" => a.workload_only = true,
             "--slow" => a.slow_ms = Some(value().parse().expect("--slow MS")),
+            "--set" => {
+                let v = value();
+                let (name, val) = v
+                    .split_once('=')
+                    .filter(|(n, _)| {
+                        !n.is_empty() && n.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    })
+                    .unwrap_or_else(|| panic!("--set NAME=VALUE (a server setting), not `{v}`"));
+                a.settings.push((name.to_string(), val.to_string()));
+            }
+            "--max-wal-rate" => a.max_wal_rate = Some(value()),
             _ => {}
         }
     }
@@ -191,6 +215,7 @@ struct Bench {
     jobs: Option<Vec<Job>>,
     workload_only: bool,
     slow_ms: Option<u32>,
+    max_wal_rate: Option<String>,
 }
 
 /// The database each run works in: a fresh copy of a template.
@@ -296,6 +321,7 @@ async fn main() {
         .await
         .unwrap()
         .get(0);
+    let set = server_settings(&admin, &a.settings).await;
     let dir = std::env::temp_dir().join(format!("pgshift-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let b = Bench {
@@ -308,12 +334,17 @@ async fn main() {
         jobs: a.jobs.clone(),
         workload_only: a.workload_only,
         slow_ms: a.slow_ms,
+        max_wal_rate: a.max_wal_rate.clone(),
     };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
+    let cap = match &a.max_wal_rate {
+        Some(r) => format!("; pgshift adaptive with max_wal_rate {r}"),
+        None => String::new(),
+    };
     println!(
-        "backfill benchmark: batch {}, {} application clients, {} repetitions (medians); PostgreSQL {version}, {cores} cores",
+        "backfill benchmark: batch {}, {} application clients, {} repetitions (medians); PostgreSQL {version}, {cores} cores, {set}{cap}",
         a.batch, a.clients, b.reps
     );
     let mut rss = Vec::new();
@@ -338,6 +369,60 @@ async fn main() {
     }
     b.drop_all().await;
     let _ = std::fs::remove_dir_all(&b.dir);
+    for (name, _) in &a.settings {
+        b.exec(&format!("ALTER SYSTEM RESET {name}")).await;
+    }
+    if !a.settings.is_empty() {
+        b.exec("SELECT pg_reload_conf()").await;
+    }
+}
+
+/// Sets the server settings asked for (a reload, no restart) and says what is
+/// in force: those, and `max_wal_size` and `min_wal_size` always. A run that
+/// panics leaves them set, and says how to reset them.
+async fn server_settings(admin: &Client, set: &[(String, String)]) -> String {
+    for (name, value) in set {
+        let sql = format!("ALTER SYSTEM SET {name} = '{}'", value.replace('\'', "''"));
+        admin
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    if !set.is_empty() {
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+        let reset: String = set
+            .iter()
+            .map(|(n, _)| format!("ALTER SYSTEM RESET {n}; "))
+            .collect();
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            hook(info);
+            eprintln!(
+                "the server settings of --set are still in force: {reset}SELECT pg_reload_conf();"
+            );
+        }));
+        // The reload reaches the other processes a moment later.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut names: Vec<&str> = vec!["max_wal_size", "min_wal_size"];
+    for (n, _) in set {
+        if !names.contains(&n.as_str()) {
+            names.push(n);
+        }
+    }
+    let mut shown = Vec::new();
+    for n in names {
+        let v: String = admin
+            .query_one(&format!("SHOW {n}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("SHOW {n}: {e}"))
+            .get(0);
+        shown.push(format!("{n} {v}"));
+    }
+    shown.join(", ")
 }
 
 /// Every job at one size, idle and under the workload, `reps` times interleaved;
@@ -478,10 +563,12 @@ fn trigger_sql(dir: &Path) -> Vec<String> {
 
 /// The plan of a pgshift job.
 fn plan(b: &Bench, job: Job) -> PathBuf {
-    let throttle = if job == Job::Adaptive {
-        "\n        throttle: { target_batch_time: 50ms }"
-    } else {
-        ""
+    let throttle = match (job, &b.max_wal_rate) {
+        (Job::Adaptive, None) => "\n        throttle: { target_batch_time: 50ms }".to_string(),
+        (Job::Adaptive, Some(rate)) => {
+            format!("\n        throttle: {{ target_batch_time: 50ms, max_wal_rate: \"{rate}\" }}")
+        }
+        _ => String::new(),
     };
     let path = b
         .dir
