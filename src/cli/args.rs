@@ -169,8 +169,8 @@ pub enum Command {
         /// Whether a slot with no consumer connected may hold the backfill.
         #[arg(long, value_parser = parse_on_off, value_name = "on|off")]
         ignore_inactive_slots: Option<bool>,
-        /// At most this much WAL per second on the server while the batches run,
-        /// the application's included (`16MB`; `off` lifts it).
+        /// Pause after each batch for the WAL the server wrote while it ran, at
+        /// this many bytes per second (`16MB`; `off` lifts it).
         #[arg(long, value_parser = parse_size_or_off, value_name = "SIZE|off")]
         max_wal_rate: Option<u64>,
         /// Hold while an anti-wraparound autovacuum works the table.

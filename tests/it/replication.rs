@@ -225,6 +225,72 @@ async fn max_wal_rate_paces_the_batches_to_the_limit() {
     );
 }
 
+/// The WAL cap counts what the server writes while a batch runs. An application
+/// that by itself writes far more than the cap must not stop the backfill: its
+/// WAL during the pauses once made each pause longer than the one before, so
+/// that after three or four batches the backfill slept for hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_writing_more_wal_than_the_cap_does_not_stop_the_backfill() {
+    let server = Cluster::primary("walbusy");
+    let url = server.url("postgres");
+    let p = plan(
+        "table: items\nset: { v: \"md5(src)\" }\nwhere: v IS NULL\nbatch_size: 200\nthrottle: { max_wal_rate: 1MB/s }",
+    );
+    let c = setup(&url, 4_000, &p).await;
+    c.batch_execute("CREATE TABLE app_log (id bigserial PRIMARY KEY, body text NOT NULL)")
+        .await
+        .unwrap();
+    // The application: rows of 1kB, as fast as it can, all through the backfill.
+    let writing = Arc::new(AtomicBool::new(true));
+    let app = {
+        let writing = writing.clone();
+        let w = connect(&url).await;
+        tokio::spawn(async move {
+            while writing.load(Ordering::Relaxed) {
+                w.batch_execute(
+                    "INSERT INTO app_log (body) SELECT repeat(md5(g::text), 32) FROM generate_series(1, 200) g",
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let lsn = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8";
+    let wal_before = i64_of(&c, lsn).await;
+    let start = Instant::now();
+    let r = Recorder::new();
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        run(url.clone(), p, r.clone(), Options::default()),
+    )
+    .await
+    .expect("the backfill finishes while the application writes")
+    .unwrap_or_else(|e| panic!("backfill failed: {e}"));
+    let secs = start.elapsed().as_secs_f64();
+    let server_rate = (i64_of(&c, lsn).await - wal_before) as f64 / secs;
+    writing.store(false, Ordering::Relaxed);
+    app.await.unwrap();
+    assert_eq!(out, Outcome::Done);
+    assert_all_rows_once(&c).await;
+    eprintln!(
+        "20 batches in {secs:.1}s while the server wrote {server_rate:.0} bytes/s (cap {LIMIT})"
+    );
+    // The test means something only if the application alone was over the cap.
+    assert!(
+        server_rate > 4.0 * LIMIT as f64,
+        "the application wrote too little WAL to test this: {server_rate:.0} bytes/s"
+    );
+    // The batches were still paced by the cap: the backfill did not run flat out.
+    assert!(
+        r.progress
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.throttled.as_deref() == Some("WAL rate cap 1MB/s (max_wal_rate)")),
+        "no batch was paced by the cap"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_slot_that_disappears_holds_until_the_plan_is_retuned() {
     let server =

@@ -252,7 +252,8 @@ pub struct Applied {
     /// The WAL insert position when the statement started.
     pub wal_start: u64,
     /// WAL written (by anyone) from the start of the worker's previous batch to
-    /// the start of this one: about the previous batch's own. Set by the worker.
+    /// the start of this one: about the previous batch's own; while a WAL rate
+    /// cap is in force, from this batch's start to its commit. Set by the worker.
     pub wal_bytes: u64,
     pub elapsed: Duration,
     pub overrides: Overrides,

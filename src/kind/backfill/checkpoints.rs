@@ -40,7 +40,7 @@ impl Pressure {
     /// What the operator reads, once.
     pub fn advice(&self, step: &str, plan: &str) -> String {
         format!(
-            "step `{step}`: the server has started {} checkpoints in {:.0}s, one every {:.1}s, most likely because of the WAL this backfill writes (max_wal_size = {}). At the end of each one, commits wait for the disk. If the application's writes slow down, raise max_wal_size (ALTER SYSTEM SET max_wal_size = '…'; SELECT pg_reload_conf(); no restart needed), or cap the WAL the server writes while the backfill runs, the application's included, with `pgshift throttle {plan} --max-wal-rate 20MB`",
+            "step `{step}`: the server has started {} checkpoints in {:.0}s, one every {:.1}s, most likely because of the WAL this backfill writes (max_wal_size = {}). At the end of each one, commits wait for the disk. If the application's writes slow down, raise max_wal_size (ALTER SYSTEM SET max_wal_size = '…'; SELECT pg_reload_conf(); no restart needed), or cap the WAL written while its batches run with `pgshift throttle {plan} --max-wal-rate 20MB`",
             self.checkpoints,
             self.over.as_secs_f64(),
             self.every().as_secs_f64(),

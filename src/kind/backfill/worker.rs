@@ -412,6 +412,9 @@ async fn run_worker(sh: &Shared, conn: &Conn, st: &mut WorkerState) -> Result<En
         if after_batch(sh, st, &mut applied, at) {
             return Ok(End::Done);
         }
+        if st.limits.max_wal_rate.is_some() {
+            applied.wal_bytes = wal_of_batch(sh, &conn.client, &applied).await?;
+        }
         pace(sh, st, &applied).await?;
     }
 }
@@ -443,6 +446,27 @@ fn after_batch(sh: &Shared, st: &mut WorkerState, a: &mut Applied, at: Instant) 
         "batch committed"
     );
     a.done
+}
+
+/// The WAL the server wrote while the batch ran, from its start to its commit
+/// (the application's, at the same time, included), for the WAL rate cap: one
+/// more round trip per batch, only while a cap is in force.
+///
+/// Not the WAL from one batch's start to the next: that would also count what
+/// the application writes during the pause, and an application that alone
+/// writes more than the cap would make every pause longer than the one before
+/// it, without end, long after it had calmed down.
+async fn wal_of_batch(sh: &Shared, c: &Client, a: &Applied) -> Result<u64, Interrupt> {
+    match c
+        .row(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => Ok((r.get::<_, i64>(0).max(0) as u64).saturating_sub(a.wal_start)),
+        Err(e) => Err(classify(sh, e.into())),
+    }
 }
 
 /// Waits after a batch as the sleep and the caps ask; a change of the operator's
