@@ -38,7 +38,10 @@
 //! - `pgshift adaptive`: the same with `target_batch_time: 50ms`.
 //!
 //! Each runs on an idle server and under an application workload (N clients
-//! alternating a primary-key read and a one-row write of another column). Then
+//! alternating a primary-key read and a one-row write of another column). In
+//! each repetition under the workload, the application also runs alone on a
+//! fresh copy for as long as the longest job took: the waits a job is judged by
+//! are read against the waits this server shows with no job at all. Then
 //! the plain loop and pgshift fixed run again at a 2 ms round trip (see `net.rs`).
 
 #[path = "backfill/net.rs"]
@@ -153,6 +156,10 @@ pub enum Job {
     Fixed,
     Adaptive,
     Reshape,
+    /// No job: the application alone, for as long as the longest job of the
+    /// same repetition took, on a fresh copy like theirs. Its waits are the
+    /// floor the jobs' are read against.
+    Alone,
 }
 
 impl Job {
@@ -165,6 +172,7 @@ impl Job {
             Job::Fixed => "pgshift fixed 1000",
             Job::Adaptive => "pgshift adaptive 50ms",
             Job::Reshape => "Reshape",
+            Job::Alone => "no job: the application alone",
         }
     }
 
@@ -434,15 +442,15 @@ async fn size(b: &Bench, rows: i64, clients: usize) -> Vec<Row> {
     let _warm = b.fresh(true).await;
     let app = Workload::start(&url, clients, rows, None).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let alone = app.finish().await;
+    let warm = app.finish().await;
     println!(
-        "\n{} rows (templates built in {:.1}s); the application alone: {:.0} ops/s, p50 {}, p99 {}, max {}\n",
+        "\n{} rows (templates built in {:.1}s); the application alone for 5 s: {:.0} ops/s, p50 {}, p99 {}, max {}\n",
         thousands(rows),
         setup.elapsed().as_secs_f64(),
-        alone.ops_per_sec,
-        ms(alone.p50),
-        ms(alone.p99),
-        ms(alone.max)
+        warm.ops_per_sec,
+        ms(warm.p50),
+        ms(warm.p99),
+        ms(warm.max)
     );
     let jobs = b.jobs.clone().unwrap_or_else(|| {
         let mut jobs = vec![
@@ -466,14 +474,21 @@ async fn size(b: &Bench, rows: i64, clients: usize) -> Vec<Row> {
     let mut all = Vec::new();
     for _ in 0..b.reps {
         for &with_app in modes {
+            let mut longest: f64 = 0.0;
             for &job in &jobs {
-                all.push(measure(b, job, with_app.then_some(clients), rows).await);
+                let r = measure(b, job, with_app.then_some(clients), rows).await;
+                longest = longest.max(r.secs);
+                all.push(r);
+            }
+            if with_app {
+                all.push(alone(b, clients, rows, longest).await);
             }
         }
     }
     let mut out = Vec::new();
     for &with_app in modes {
-        for &job in &jobs {
+        let alone = with_app.then_some(Job::Alone);
+        for &job in jobs.iter().chain(alone.iter()) {
             let runs: Vec<Row> = all
                 .extract_if(.., |r| r.job == job && r.app.is_some() == with_app)
                 .collect();
@@ -521,8 +536,32 @@ async fn measure(b: &Bench, job: Job, clients: Option<usize>, rows: i64) -> Row 
     }
 }
 
+/// The application alone for `secs`, measured as a job under the workload is.
+async fn alone(b: &Bench, clients: usize, rows: i64, secs: f64) -> Row {
+    let _c = b.fresh(true).await;
+    let w = Workload::start(&b.url(RUN_DB), clients, rows, b.slow_ms).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let secs = start.elapsed().as_secs_f64();
+    let stats = w.finish().await;
+    if b.slow_ms.is_some() {
+        workload::print_slow(Job::Alone.name(), &stats);
+    }
+    Row {
+        job: Job::Alone,
+        app: Some(stats),
+        secs,
+        rows: 0,
+        rss_kib: None,
+        verify_ms: None,
+        spread: None,
+    }
+}
+
 /// The median run of a job's repetitions, with the spread of their rates, the
-/// worst application latency any of them saw, and the largest peak RSS.
+/// worst application latency any of them saw, the most operations over 100 ms
+/// any of them saw, and the largest peak RSS.
 fn median(mut runs: Vec<Row>) -> Row {
     runs.sort_by(|a, b| a.secs.total_cmp(&b.secs));
     let rates: Vec<f64> = runs.iter().map(Row::rate).collect();
@@ -530,14 +569,19 @@ fn median(mut runs: Vec<Row>) -> Row {
         .iter()
         .filter_map(|r| r.app.as_ref().map(|a| a.max))
         .max();
+    let most_over = runs
+        .iter()
+        .filter_map(|r| r.app.as_ref().map(|a| a.over_100ms))
+        .max();
     let rss = runs.iter().filter_map(|r| r.rss_kib).max();
     let n = runs.len();
     let mut m = runs.swap_remove(n / 2);
-    if let (Some(a), Some(w)) = (m.app.as_mut(), worst) {
+    if let (Some(a), Some(w), Some(o)) = (m.app.as_mut(), worst, most_over) {
         a.max = w;
+        a.over_100ms = o;
     }
     m.rss_kib = rss;
-    m.spread = (n > 1).then(|| {
+    m.spread = (n > 1 && m.job != Job::Alone).then(|| {
         (
             rates.iter().copied().fold(f64::INFINITY, f64::min),
             rates.iter().copied().fold(0.0, f64::max),
@@ -630,6 +674,7 @@ async fn run_job(
             peak = child(cmd).await;
         }
         Job::Reshape => reshape(b, url).await,
+        Job::Alone => unreachable!("the application alone runs no job: see `alone`"),
     }
     (start.elapsed().as_secs_f64(), peak)
 }

@@ -56,6 +56,8 @@ pub struct AppStats {
     pub p50: u32,
     pub p99: u32,
     pub max: u32,
+    /// Operations slower than 100 ms (the bound), whatever `--slow` is.
+    pub over_100ms: usize,
     pub slow: Vec<Slow>,
     pub samples: Vec<Sample>,
     /// Seconds since the epoch when the workload started.
@@ -160,6 +162,7 @@ impl Workload {
             p50: pct(0.50),
             p99: pct(0.99),
             max: all.last().copied().unwrap_or(0),
+            over_100ms: all.iter().filter(|&&us| us > 100_000).count(),
             slow,
             samples,
             wall_start: self
