@@ -28,12 +28,26 @@ pub async fn lock(cx: &Context, plan_id: &str) -> Result<Held, Error> {
     let (mut conn, lost) = db::connect_watched(&cx.target).await?;
     check_session_pooler(&conn).await?;
     cx.control.ensure(&mut conn).await?;
-    if !cx.control.try_lock(&conn, plan_id).await? {
-        let holder = cx
-            .control
-            .lock_holder(&conn, plan_id)
-            .await?
-            .unwrap_or_else(|| "a runner whose session could not be identified".into());
+    // A runner killed a moment ago still holds the lock until its backend
+    // notices the closed socket and exits; a holder that is gone by the time
+    // it is looked up (or is already leaving `pg_stat_activity`) was such a
+    // backend: try again for up to a second rather than report a runner that
+    // no longer exists.
+    let mut held_by = None;
+    for _ in 0..20 {
+        if cx.control.try_lock(&conn, plan_id).await? {
+            held_by = None;
+            break;
+        }
+        held_by = Some(cx.control.lock_holder(&conn, plan_id).await?);
+        if let Some(Some(_)) = held_by {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(holder) = held_by {
+        let holder =
+            holder.unwrap_or_else(|| "a runner whose session could not be identified".into());
         // The session alone names a backend; the recorded runner names the person
         // and process. A holder that has just taken the lock records itself a
         // moment later (and until then the row may still name a killed runner):
