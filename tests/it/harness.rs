@@ -241,3 +241,86 @@ pub async fn rows_text(db: &TestDb, query: &str) -> String {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
         .get(0)
 }
+
+/// Samples, every 5 ms until [`WaitSampler::finish`], what the backends of one
+/// database wait on, so that a slow application statement can be told apart:
+/// queued on a lock (pgshift's DDL or a batch's rows: what its lock timeout
+/// bounds) or on the server's WAL and disk (which stall commits on a busy or
+/// slow disk with no pgshift running at all).
+pub struct WaitSampler {
+    stop: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<Vec<Wait>>,
+}
+
+/// One backend seen waiting: ms from the sampler's epoch, its pid, `type/event`.
+pub struct Wait {
+    pub at_ms: f64,
+    pub pid: i32,
+    pub what: String,
+}
+
+impl WaitSampler {
+    /// Starts sampling the database of `url`; times count from `epoch`.
+    pub async fn start(url: &str, epoch: std::time::Instant) -> WaitSampler {
+        let c = connect(url).await;
+        let q = c
+            .prepare(
+                "SELECT pid, wait_event_type || '/' || wait_event FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND wait_event IS NOT NULL AND wait_event_type NOT IN ('Activity', 'Client')",
+            )
+            .await
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let until = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut out = Vec::new();
+            while !until.is_cancelled() {
+                let at_ms = epoch.elapsed().as_secs_f64() * 1e3;
+                if let Ok(rows) = c.query(&q, &[]).await {
+                    out.extend(rows.iter().map(|r| Wait {
+                        at_ms,
+                        pid: r.get(0),
+                        what: r.get(1),
+                    }));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            out
+        });
+        WaitSampler { stop, handle }
+    }
+
+    pub async fn finish(self) -> Waits {
+        self.stop.cancel();
+        Waits(self.handle.await.unwrap())
+    }
+}
+
+/// Everything a [`WaitSampler`] saw.
+pub struct Waits(pub Vec<Wait>);
+
+impl Waits {
+    /// What backend `pid` was seen waiting on from `from_ms` to `to_ms`, each
+    /// with how many samples saw it.
+    pub fn of(&self, pid: i32, from_ms: f64, to_ms: f64) -> Vec<(String, usize)> {
+        let mut seen: Vec<(String, usize)> = Vec::new();
+        for w in self
+            .0
+            .iter()
+            .filter(|w| w.pid == pid && w.at_ms >= from_ms && w.at_ms <= to_ms)
+        {
+            match seen.iter_mut().find(|(what, _)| *what == w.what) {
+                Some((_, n)) => *n += 1,
+                None => seen.push((w.what.clone(), 1)),
+            }
+        }
+        seen
+    }
+}
+
+/// Whether any of `seen` is a wait on a heavyweight lock (a table, a row, a
+/// transaction), as opposed to the WAL, the disk or the CPU.
+pub fn on_a_lock(seen: &[(String, usize)]) -> bool {
+    seen.iter().any(|(what, _)| what.starts_with("Lock/"))
+}

@@ -147,39 +147,6 @@ impl ClientLog {
 /// with the sampled waits.
 const SLOW_MS: f64 = 300.0;
 
-/// A wait seen by the sampler: ms from `Shared::epoch`, backend, what it waited on.
-struct Wait {
-    at_ms: f64,
-    pid: i32,
-    what: String,
-}
-
-/// Reads, every 5 ms until `stop_all`, what this database's backends wait on.
-async fn sample_waits(url: String, sh: Arc<Shared>) -> Vec<Wait> {
-    let c = connect(&url).await;
-    let q = c
-        .prepare(
-            "SELECT pid, wait_event_type || '/' || wait_event FROM pg_stat_activity
-             WHERE datname = current_database() AND pid <> pg_backend_pid()
-               AND wait_event IS NOT NULL AND wait_event_type NOT IN ('Activity', 'Client')",
-        )
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    while !sh.stop_all.load(Ordering::SeqCst) {
-        let at_ms = sh.epoch.elapsed().as_secs_f64() * 1e3;
-        if let Ok(rows) = c.query(&q, &[]).await {
-            out.extend(rows.iter().map(|r| Wait {
-                at_ms,
-                pid: r.get(0),
-                what: r.get(1),
-            }));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    out
-}
-
 /// State the clients share with the test.
 struct Shared {
     stop_old: AtomicBool,
@@ -347,7 +314,7 @@ async fn proof_rename_under_load_loses_no_write_and_stalls_no_query() {
         counter: AtomicU64::new(0),
         epoch: Instant::now(),
     });
-    let sampler = tokio::spawn(sample_waits(db.url.clone(), sh.clone()));
+    let sampler = WaitSampler::start(&db.url, sh.epoch).await;
     let mut old = Vec::new();
     let mut others = Vec::new();
     for i in 0..OLD_WRITERS {
@@ -585,20 +552,11 @@ async fn proof_rename_under_load_loses_no_write_and_stalls_no_query() {
     // meanwhile. One that waited on the server's WAL or disk instead (a busy or
     // slow disk stalls commits for hundreds of ms with no pgshift running at
     // all) is said, and held to the looser `IO_BOUND_MS`.
-    let waits = sampler.await.unwrap();
+    let waits = sampler.finish().await;
     let mut on_locks = Vec::new();
     for (k, l) in &logs {
         for &(start, end) in l.slow.iter().filter(|(s, e)| e - s >= bound) {
-            let mut seen: Vec<(&str, usize)> = Vec::new();
-            for w in waits
-                .iter()
-                .filter(|w| w.pid == l.pid && w.at_ms >= start && w.at_ms <= end)
-            {
-                match seen.iter_mut().find(|(what, _)| *what == w.what) {
-                    Some((_, n)) => *n += 1,
-                    None => seen.push((&w.what, 1)),
-                }
-            }
+            let seen = waits.of(l.pid, start, end);
             let line = format!(
                 "{} statement of {:.0} ms at {:.0} ms, waiting on {seen:?}",
                 k.label(),
@@ -606,7 +564,7 @@ async fn proof_rename_under_load_loses_no_write_and_stalls_no_query() {
                 start
             );
             println!("proof: over the bound: {line}");
-            if seen.iter().any(|(what, _)| what.starts_with("Lock/")) {
+            if on_a_lock(&seen) {
                 on_locks.push(line);
             }
         }
