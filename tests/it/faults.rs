@@ -1226,3 +1226,68 @@ async fn lock_connection_lost_mid_backfill_and_a_second_runner_takes_over_withou
     assert_eq!(p["status"], "succeeded", "{p:#}");
     assert_eq!(step(&p, "fill_v")["rows_done"], rows);
 }
+
+// The plan's lock held by a holder that `pg_stat_activity` cannot name (here a
+// prepared transaction, as a killed runner's backend is while it exits): the
+// runner tries again for a moment instead of reporting a runner that is gone,
+// and goes on as soon as the lock is free; a holder that stays is reported.
+#[tokio::test]
+async fn a_lock_holder_that_cannot_be_named_and_goes_away_does_not_stop_the_run() {
+    let cluster = Cluster::primary_with("f_gone_holder", "max_prepared_transactions = 2");
+    let dir = work_dir("faults_gone_holder");
+    let db = cluster_db(&cluster, "gone_holder").await;
+    db.exec("CREATE TABLE t (id int)").await;
+    let plan = write_plan(
+        &dir,
+        "gone_holder",
+        "id: gone_holder
+phases:
+  expand:
+    - name: add
+      sql: ALTER TABLE t ADD COLUMN v bigint
+      rollback: ALTER TABLE t DROP COLUMN v
+",
+    );
+    let f = plan.to_str().unwrap();
+    // Takes the plan's lock key in a transaction and prepares it: the lock
+    // stays, held by no backend.
+    let hold = |gid: &str| {
+        format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('pgshift/pgshift/gone_holder', 0)); PREPARE TRANSACTION '{gid}'"
+        )
+    };
+
+    // A holder that stays: reported, and nothing done.
+    db.exec(&hold("stays")).await;
+    let o = run(&db, &["plan", "apply", f]);
+    expect_code(&o, 4, "apply while an unnamed holder keeps the lock");
+    assert!(
+        stderr(&o).contains("another runner holds plan `gone_holder`"),
+        "{}",
+        stderr(&o)
+    );
+    db.exec("COMMIT PREPARED 'stays'").await;
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = 'v'")
+            .await,
+        0
+    );
+
+    // A holder that goes away within the moment: the run goes on.
+    db.exec(&hold("goes")).await;
+    let child = spawn(&db, &["plan", "apply", f]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.exec("COMMIT PREPARED 'goes'").await;
+    let o = finish(
+        child,
+        Duration::from_secs(60),
+        "apply after the holder went",
+    )
+    .await;
+    expect_code(&o, 0, "apply after the unnamed holder went away");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = 'v'")
+            .await,
+        1
+    );
+}
