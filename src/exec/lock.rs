@@ -33,21 +33,21 @@ pub async fn lock(cx: &Context, plan_id: &str) -> Result<Held, Error> {
     // it is looked up (or is already leaving `pg_stat_activity`) was such a
     // backend: try again for up to a second rather than report a runner that
     // no longer exists.
-    let mut held_by = None;
-    for _ in 0..20 {
+    let mut unnamed = 0;
+    let held_by = loop {
         if cx.control.try_lock(&conn, plan_id).await? {
-            held_by = None;
-            break;
+            break None;
         }
-        held_by = Some(cx.control.lock_holder(&conn, plan_id).await?);
-        if let Some(Some(_)) = held_by {
-            break;
+        match cx.control.lock_holder(&conn, plan_id).await? {
+            Some(holder) => break Some(holder),
+            None if unnamed < 20 => {
+                unnamed += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            None => break Some("a runner whose session could not be identified".into()),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
     if let Some(holder) = held_by {
-        let holder =
-            holder.unwrap_or_else(|| "a runner whose session could not be identified".into());
         // The session alone names a backend; the recorded runner names the person
         // and process. A holder that has just taken the lock records itself a
         // moment later (and until then the row may still name a killed runner):
