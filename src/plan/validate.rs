@@ -116,6 +116,20 @@ fn plan(r: &mut Reader, path: &Path, text: &str, catalog: Option<&Catalog>) -> O
 
 /// The YAML tree of the file, or why there is none.
 fn root(r: &mut Reader, text: &str) -> Option<Node> {
+    // The same bound as a plan file's (`plan::read`), for text from anywhere else:
+    // parsing and linting cost grows with it.
+    if text.len() as u64 > MAX_PLAN_BYTES {
+        r.error(
+            Pos { line: 1, col: 1 },
+            "file",
+            format!(
+                "the plan is {} bytes; a plan is limited to {MAX_PLAN_BYTES} bytes (is this the right file?)",
+                text.len()
+            ),
+            None,
+        );
+        return None;
+    }
     let root = match raw::parse(text) {
         Ok(n) => n,
         Err(e) => {
@@ -399,4 +413,25 @@ fn is_plan_id(n: &str) -> bool {
         && n.len() <= 63
         && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_over_the_plan_size_limit_is_refused_before_parsing() {
+        let text = format!("id: big\n#{}\n", "x".repeat(MAX_PLAN_BYTES as usize));
+        let Err(Error::Invalid { diagnostics, .. }) = validate(Path::new("big.yaml"), &text) else {
+            panic!("a plan over the limit was accepted")
+        };
+        assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+        let d = &diagnostics[0];
+        assert_eq!((d.pos.line, d.pos.col, d.rule.as_str()), (1, 1, "file"));
+        assert!(
+            d.message.contains("a plan is limited to 1048576 bytes"),
+            "{}",
+            d.message
+        );
+    }
 }
