@@ -602,16 +602,28 @@ pub(crate) async fn killed(case: &Case) {
     for d in [&reference, &db] {
         d.exec(case.setup).await;
     }
+    // Exit 4 right after a kill: the killed runner's backend still holds the
+    // plan while it finishes the statement it was running (it notices its
+    // client is gone only when it next talks to it). An operator waits and
+    // runs resume again; so does this, for up to 15 s.
     let finish = |d: &TestDb| {
         let mut last = None;
-        for _ in 0..10 {
+        let mut retries = 0;
+        let held_until = Instant::now() + Duration::from_secs(15);
+        while retries < 10 {
             let o = pgshift_with_env(
                 &["--progress", "never", "--yes", "resume", &file],
                 &[("DATABASE_URL", d.url.as_str())],
             );
             match o.status.code() {
                 Some(0) => return,
-                Some(3) => last = Some(o),
+                Some(3) => {
+                    retries += 1;
+                    last = Some(o);
+                }
+                Some(4) if Instant::now() < held_until => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
                 _ => panic!("{}: resume failed: {}", case.name, stderr(&o)),
             }
         }
